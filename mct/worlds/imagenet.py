@@ -1,0 +1,312 @@
+"""ImageNet world, data side: EDM-style dataset zips built with the ADM ("dhariwal") center crop.
+
+``prepare_imagenet`` turns an ImageFolder tree (``root/<wnid>/<image>.JPEG``) or a zip of the same layout
+into the archive format of EDM's dataset_tool: uncompressed PNGs named ``00000/img00000000.png`` and a
+``dataset.json`` holding ``{"labels": [[fname, label], ...]}``, where ``label`` is the index of the image's
+class folder among the sorted class folder names (the standard ImageNet class index when the folders are
+the 1000 wnids). We also store ``"class_names"``; EDM's readers ignore extra keys.
+
+The crop is EDM's ``center-crop-dhariwal``, i.e. ADM's: halve with a BOX filter while the short side is at
+least 2x the target, BICUBIC-resize so the short side equals it, then center crop. Images are streamed one
+at a time and the zip is written to a temp file and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+
+class DatasetError(ValueError):
+    """A source folder/zip or a prepared archive is not usable; the message names what and where."""
+
+
+@functools.cache
+def _image_extensions() -> frozenset[str]:
+    PIL.Image.init()  # registers every plugin's extensions
+    return frozenset(ext.lower() for ext in PIL.Image.registered_extensions())
+
+
+def is_image_name(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    if base.startswith("._") or name.startswith("__MACOSX/"):  # macOS resource forks, not images
+        return False
+    return os.path.splitext(base)[1].lower() in _image_extensions()
+
+
+def check_resolution(resolution: int | tuple[int, int]) -> int:
+    """EDM's rule: square and a power of two (the paper uses 64 and 128)."""
+    if isinstance(resolution, tuple | list):
+        if len(resolution) != 2:
+            raise DatasetError(f"resolution must be an int or a (width, height) pair, got {resolution!r}")
+        w, h = resolution
+        if w != h:
+            raise DatasetError(f"resolution must be square for center-crop-dhariwal, got {w}x{h}")
+        resolution = w
+    if isinstance(resolution, bool) or not isinstance(resolution, int | np.integer):
+        raise DatasetError(f"resolution must be an int, got {resolution!r}")
+    res = int(resolution)
+    if res < 1 or res & (res - 1):
+        raise DatasetError(f"resolution must be a power of two (e.g. 64 or 128), got {res}")
+    return res
+
+
+# --- the ADM center crop ----------------------------------------------------------------------------
+
+
+def center_crop_dhariwal(img: PIL.Image.Image, resolution: int) -> np.ndarray:
+    """ADM's ImageNet crop (EDM: --transform=center-crop-dhariwal) -> uint8 array (resolution, resolution, 3).
+
+    Halving with BOX while the short side >= 2 * resolution averages whole pixel blocks (no aliasing, no
+    blur beyond the box), so only the last resize to short side == resolution is a BICUBIC interpolation.
+    """
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * resolution:
+        img = img.resize((img.width // 2, img.height // 2), resample=PIL.Image.Resampling.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=PIL.Image.Resampling.BICUBIC)
+    arr = np.asarray(img)
+    top = (arr.shape[0] - resolution) // 2
+    left = (arr.shape[1] - resolution) // 2
+    return arr[top:top + resolution, left:left + resolution]
+
+
+# --- sources: folder or zip --------------------------------------------------------------------------
+
+
+class ImageSource:
+    """Sorted image names (relative, '/'-separated) of a folder or zip, with their integer labels."""
+
+    def __init__(self, source: str | Path) -> None:
+        self.source = Path(source)
+        if self.source.is_dir():
+            self.is_zip = False
+            names = self._list_folder()
+            meta = self.source / "dataset.json"
+            meta_text = meta.read_text() if meta.is_file() else None
+        elif self.source.is_file():
+            if not zipfile.is_zipfile(self.source):
+                raise DatasetError(f"source {self.source} is a file but not a zip archive")
+            self.is_zip = True
+            with zipfile.ZipFile(self.source) as z:
+                names = sorted(n for n in z.namelist() if not n.endswith("/") and is_image_name(n))
+                meta_text = z.read("dataset.json").decode() if "dataset.json" in z.namelist() else None
+        else:
+            raise DatasetError(f"source not found: {self.source}")
+        if not names:
+            raise DatasetError(f"no images found in {self.source} (expected {self.source}/<class>/<image>.JPEG)")
+        self.names: list[str] = names
+        self.labels, self.class_names = self._labels(meta_text)
+
+    def _list_folder(self) -> list[str]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.source):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, self.source).replace(os.sep, "/")
+            out += [f if rel == "." else f"{rel}/{f}" for f in filenames if is_image_name(f)]
+        return sorted(out)
+
+    def _labels(self, meta_text: str | None) -> tuple[list[int], list[str] | None]:
+        # An existing dataset.json (e.g. an EDM archive as input) wins, as in EDM's dataset_tool.
+        meta = json.loads(meta_text) if meta_text else {}
+        if meta.get("labels") is not None:
+            table = {name: int(label) for name, label in meta["labels"]}
+            missing = [n for n in self.names if n not in table]
+            if missing:
+                raise DatasetError(f"{self.source}: dataset.json has no label for {missing[0]} "
+                                   f"({len(missing)} images unlabelled)")
+            return [table[n] for n in self.names], meta.get("class_names")
+        parts = [n.split("/") for n in self.names]
+        # A zip made with `zip -r train.zip train/` wraps the class folders in one top folder: strip it.
+        if all(len(p) >= 3 for p in parts) and len({p[0] for p in parts}) == 1:
+            parts = [p[1:] for p in parts]
+        for name, p in zip(self.names, parts, strict=True):
+            if len(p) < 2:
+                raise DatasetError(f"{self.source}: image {name} is not inside a class folder; "
+                                   "expected root/<class>/<image> (ImageFolder layout)")
+        class_names = sorted({p[0] for p in parts})
+        index = {c: i for i, c in enumerate(class_names)}
+        return [index[p[0]] for p in parts], class_names
+
+    @contextmanager
+    def reader(self) -> Iterator[Callable[[str], BinaryIO]]:
+        """Context yielding ``open(name) -> binary file``; keeps a zip open for the whole pass."""
+        if not self.is_zip:
+            yield lambda name: open(self.source / name, "rb")
+            return
+        with zipfile.ZipFile(self.source) as z:
+            yield lambda name: z.open(name, "r")
+
+
+def _load_rgb(f: BinaryIO, name: str, source: Path) -> PIL.Image.Image:
+    try:
+        img = PIL.Image.open(f)
+        img.load()  # decode now, so a truncated file fails here, naming the file
+        return img.convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read image {name} in {source}: {e}") from e
+
+
+def archive_name(idx: int) -> str:
+    """EDM's archive naming: 00000/img00000000.png (a folder per 100k images)."""
+    s = f"{idx:08d}"
+    return f"{s[:5]}/img{s}.png"
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    path: Path
+    num_images: int
+    num_classes: int
+    resolution: int
+
+
+def prepare_imagenet(source: str | Path, dest: str | Path, resolution: int | tuple[int, int] = 64, *,
+                     max_images: int | None = None, progress: bool = True) -> PreparedDataset:
+    """Convert an ImageFolder tree or zip into an EDM dataset zip at ``dest`` (center-crop-dhariwal).
+
+    The first ``max_images`` images in sorted name order are used (EDM's rule); class indices always come
+    from all class folders, so they do not depend on ``max_images``.
+    """
+    res = check_resolution(resolution)
+    if max_images is not None and (isinstance(max_images, bool) or int(max_images) < 1):
+        raise DatasetError(f"max_images must be a positive int or None, got {max_images!r}")
+    dest = Path(dest)
+    if dest.suffix.lower() != ".zip":
+        raise DatasetError(f"dest must be a .zip path, got {dest}")
+    src = ImageSource(source)
+    n = len(src.names) if max_images is None else min(len(src.names), int(max_images))
+    num_classes = len(src.class_names) if src.class_names else max(src.labels) + 1
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        labels = []
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf, src.reader() as open_member:
+            for idx in tqdm(range(n), total=n, unit="img", desc=dest.name, disable=not progress):
+                name = src.names[idx]
+                with open_member(name) as f:
+                    arr = center_crop_dhariwal(_load_rgb(f, name, src.source), res)
+                if arr.shape != (res, res, 3):
+                    raise DatasetError(f"crop of {name} has shape {arr.shape}, expected {(res, res, 3)}")
+                buf = io.BytesIO()
+                # Uncompressed PNG, as EDM: decoding cost matters more than size in the training loop.
+                PIL.Image.fromarray(arr, "RGB").save(buf, format="png", compress_level=0, optimize=False)
+                fname = archive_name(idx)
+                zf.writestr(fname, buf.getbuffer())
+                labels.append([fname, src.labels[idx]])
+            meta = {"labels": labels, "class_names": src.class_names}
+            zf.writestr("dataset.json", json.dumps(meta))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return PreparedDataset(path=dest, num_images=n, num_classes=num_classes, resolution=res)
+
+
+# --- reading a prepared zip ---------------------------------------------------------------------------
+
+
+class ImageZipDataset(Dataset):
+    """Lazy reader of an EDM dataset zip: item i -> (image (3, H, W) float32 in [-1, 1], label).
+
+    The label is a one-hot float32 (num_classes,) (``one_hot=True``, the denoiser convention) or an int64
+    scalar; an unlabelled archive gives num_classes == 0 and labels of shape (0,) / the value -1. The zip is
+    opened on first access in each process, so the dataset pickles into DataLoader workers.
+    """
+
+    def __init__(self, path: str | Path, *, one_hot: bool = True, num_classes: int | None = None) -> None:
+        self.path = Path(path)
+        self.one_hot = bool(one_hot)
+        if not self.path.is_file() or not zipfile.is_zipfile(self.path):
+            raise DatasetError(f"not a dataset zip: {self.path}")
+        with zipfile.ZipFile(self.path) as z:
+            all_names = z.namelist()
+            self.names = sorted(n for n in all_names if not n.endswith("/") and is_image_name(n))
+            meta = json.loads(z.read("dataset.json")) if "dataset.json" in all_names else {}
+            if not self.names:
+                raise DatasetError(f"no images in {self.path}")
+            with PIL.Image.open(io.BytesIO(z.read(self.names[0]))) as first:
+                w, h = first.size
+        if w != h:
+            raise DatasetError(f"{self.path}: images must be square, got {w}x{h}")
+        self.resolution = w
+        self.class_names: list[str] | None = meta.get("class_names")
+
+        self.labels: np.ndarray | None = None
+        if meta.get("labels") is not None:
+            table = {name: int(label) for name, label in meta["labels"]}
+            missing = [n for n in self.names if n not in table]
+            if missing:
+                raise DatasetError(f"{self.path}: dataset.json has no label for {missing[0]}")
+            self.labels = np.array([table[n] for n in self.names], dtype=np.int64)
+        if num_classes is None:
+            if self.class_names:
+                num_classes = len(self.class_names)
+            else:
+                num_classes = int(self.labels.max()) + 1 if self.labels is not None else 0
+        self.num_classes = int(num_classes)
+        if self.labels is not None and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise DatasetError(f"{self.path}: labels must lie in [0, {self.num_classes}), "
+                               f"got [{self.labels.min()}, {self.labels.max()}]")
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _archive(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():  # a zip handle must not cross a fork
+            self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_zip": None, "_zip_pid": None}
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def image(self, i: int) -> np.ndarray:
+        """uint8 (H, W, 3) image i, as stored."""
+        with PIL.Image.open(io.BytesIO(self._archive().read(self.names[i]))) as img:
+            arr = np.array(img.convert("RGB"))
+        if arr.shape != (self.resolution, self.resolution, 3):
+            raise DatasetError(f"{self.path}: {self.names[i]} has shape {arr.shape}, expected "
+                               f"{(self.resolution, self.resolution, 3)}")
+        return arr
+
+    def label(self, i: int) -> Tensor:
+        if self.one_hot:
+            onehot = torch.zeros(self.num_classes, dtype=torch.float32)
+            if self.labels is not None:
+                onehot[int(self.labels[i])] = 1.0
+            return onehot
+        return torch.tensor(int(self.labels[i]) if self.labels is not None else -1, dtype=torch.int64)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        i = i % len(self)
+        x = torch.from_numpy(self.image(i)).permute(2, 0, 1).to(torch.float32)
+        return x / 127.5 - 1.0, self.label(i)
