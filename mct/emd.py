@@ -36,8 +36,11 @@ class LangevinConfig:
     space: SamplingSpace = "eps_z"
     cancel_noise: bool = True
     cancel_initial: bool = True
+    z_step_ref: float = 0.0  # > 0: z step gamma_z * sigma^2 / (sigma^2 + ref^2), see langevin_estep
 
     def __post_init__(self) -> None:
+        if self.z_step_ref < 0:
+            raise ValueError(f"z_step_ref must be >= 0, got {self.z_step_ref}")
         if self.K < 0:
             raise ValueError(f"K must be >= 0, got {self.K}")
         if self.gamma_eps < 0 or self.gamma_z < 0:
@@ -101,9 +104,14 @@ def langevin_estep(generator: nn.Module, teacher: Denoiser, score_net: Denoiser,
     Injected noises n_k (for eps or x) and m_k (for z) are drawn from ``rng`` in that order at every step whatever
     the space, so runs that differ only in their switches see the same random numbers.
     Noise cancellation tracks eta_0 = eps_0 (or 0), eta_{k+1} = (1 - g_e/2) eta_k + sqrt(g_e) n_k.
+
+    The z posterior's precision grows like |J|^2 / sigma^2, so a constant z step is unstable at small sigma;
+    ``z_step_ref`` > 0 shrinks each chain's z step by sigma^2 / (sigma^2 + ref^2). A per-chain constant step is
+    still exact Langevin for that chain, so the target is unchanged.
     """
     s = append_dims(sigma, z0.ndim)
-    ge, gz = cfg.gamma_eps, cfg.gamma_z
+    ge = cfg.gamma_eps
+    gz = cfg.gamma_z * s**2 / (s**2 + cfg.z_step_ref**2) if cfg.z_step_ref > 0 else cfg.gamma_z
     moves_z = cfg.moves_z
     x_space = cfg.space in ("x", "x_z")
     z, eps = z0.detach(), eps0.detach()
@@ -131,7 +139,7 @@ def langevin_estep(generator: nn.Module, teacher: Denoiser, score_net: Denoiser,
             cotangent = d
         if moves_z:
             grad_z = _vjp(g, z_leaf, cotangent) / s - z
-            z = (z + 0.5 * gz * grad_z + math.sqrt(gz) * m).detach()
+            z = (z + 0.5 * gz * grad_z + gz**0.5 * m).detach()
         if cfg.cancel_noise:
             eta = (1.0 - 0.5 * ge) * eta + math.sqrt(ge) * n
     if x_space and x is not None:

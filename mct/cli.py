@@ -1,0 +1,193 @@
+"""`mct <stage>`: one thin subcommand per pipeline stage; settings come from params.yaml by name."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mct import paths
+from mct.config import ConfigError, Params, load_params
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params entry, e.g. -S experiments.toy2d_emd_k8.distill.K=16")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _params(args: argparse.Namespace) -> Params:
+    return load_params(args.params, args.overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    names = params.suite_experiments(args.suite)
+    print(f"params OK: {len(params.experiments)} experiments; suite {args.suite or params.suite!r} runs "
+          f"{len(names)}: {', '.join(names)}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from mct.worlds.registry import make_world
+
+    params = _params(args)
+    if args.world not in params.worlds:
+        raise ConfigError(f"worlds: unknown world {args.world!r}; known: {sorted(params.worlds)}")
+    world = make_world(args.world, params.worlds[args.world])
+    out = Path(args.out or paths.world_data(args.world, world.kind))
+    world.prepare(out)
+    print(f"prepared {args.world} -> {out}")
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from mct.teacher import train_teacher
+    from mct.worlds.registry import make_world
+
+    params = _params(args)
+    tcfg = params.teacher(args.teacher)
+    world = make_world(tcfg.world, params.worlds[tcfg.world])
+    out = Path(args.out or paths.teacher_file(args.teacher))
+    if tcfg.kind == "fetch":
+        from mct.fetch import fetch_pinned
+
+        fetch_pinned(tcfg.source, tcfg.sha256, out, progress=not args.no_progress)
+        print(f"fetched teacher {args.teacher} -> {out}")
+        return 0
+    data = Path(args.data or paths.world_data(tcfg.world, world.kind))
+    x, y = world.load_split(data, "train")
+    summary = train_teacher(world, tcfg, x, y, out, progress=not args.no_progress)
+    print(f"trained teacher {args.teacher} -> {out}: {summary}")
+    return 0
+
+
+def cmd_init_student(args: argparse.Namespace) -> int:
+    from mct.train import init_student
+    from mct.worlds.registry import make_world
+
+    params = _params(args)
+    exp = params.experiment(args.experiment)
+    world = make_world(exp.world, params.worlds[exp.world])
+    teacher = Path(args.teacher or paths.teacher_file(exp.teacher))
+    out = Path(args.out or paths.student_init(args.experiment))
+    info = init_student(world, exp, teacher, out)
+    print(f"student {args.experiment} -> {out}: {info}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from mct.train import distill
+    from mct.worlds.registry import make_world
+
+    params = _params(args)
+    exp = params.experiment(args.experiment)
+    world = make_world(exp.world, params.worlds[exp.world])
+    summary = distill(world, exp,
+                      Path(args.teacher or paths.teacher_file(exp.teacher)),
+                      Path(args.student or paths.student_init(args.experiment)),
+                      Path(args.out or paths.distill_dir(args.experiment)),
+                      Path(args.work or paths.work_dir(args.experiment)),
+                      progress=not args.no_progress, stop_after=args.stop_after)
+    print(f"distilled {args.experiment}: {summary}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mct.io import atomic_path
+    from mct.train import generate, load_generator
+    from mct.worlds.registry import make_world
+
+    params = _params(args)
+    exp = params.experiment(args.experiment)
+    world = make_world(exp.world, params.worlds[exp.world])
+    gen = load_generator(Path(args.generator or paths.distill_dir(args.experiment) / "generator.pt"), world, "ema")
+    n = args.num or exp.eval.num_samples
+    x, y = generate(gen, world.data_shape, n, exp.eval.seed if args.seed is None else args.seed, world.label_dim,
+                    exp.eval.batch_size)
+    out = Path(args.out or paths.samples_file(args.experiment))
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, x=x.numpy(), **({"labels": y.numpy()} if y is not None else {}))
+    print(f"{n} samples of {args.experiment} -> {out}")
+    return 0
+
+
+def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
+    from mct.checkpoint import format_inspection, inspect_checkpoint
+
+    print(format_inspection(inspect_checkpoint(Path(args.path))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mct", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check params.yaml and list a suite's experiments")
+    _common(p)
+    p.add_argument("--suite", default=None)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("prepare", help="prepare a world's data")
+    _common(p)
+    p.add_argument("--world", required=True)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("teacher", help="train (or fetch) a teacher")
+    _common(p)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--data")
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_teacher)
+
+    p = sub.add_parser("init-student", help="initialise the one-step generator and score network")
+    _common(p)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_init_student)
+
+    p = sub.add_parser("distill", help="EM distillation (resumes from its last checkpoint)")
+    _common(p)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--student")
+    p.add_argument("--out")
+    p.add_argument("--work")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_distill)
+
+    p = sub.add_parser("sample", help="draw one-step samples from a distilled generator")
+    _common(p)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--generator")
+    p.add_argument("--out")
+    p.add_argument("--num", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("inspect-checkpoint", help="show what a checkpoint holds, through the safe loader")
+    p.add_argument("path")
+    p.set_defaults(fn=cmd_inspect_checkpoint)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"mct: invalid params: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"mct {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""params.yaml: schema, validation and resolution of experiments.
+
+Every setting is a typed dataclass field with a documented default. ``load_params`` checks the whole file before
+any work starts: an unknown key, a wrong type, an impossible value or a dangling reference raises
+:class:`ConfigError` whose message begins with the dotted key at fault.
+
+Layout of params.yaml:
+  suite: the default suite;  worlds: {name: WorldConfig};  teachers: {name: TeacherConfig}
+  templates: {name: partial experiment};  experiments: {name: {template: NAME, ...overrides}}
+  suites: {name: [experiment, ...]}
+An experiment is its template deep-merged with its own overrides, then validated as :class:`ExperimentConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mct.diffusion import LogNormalSigma, LogUniformSigma
+from mct.emd import MSTEP_WEIGHTS, SAMPLING_SPACES, LangevinConfig
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem; the message starts with the dotted key at fault."""
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else f"must be > 0 (got {v})"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else f"must be >= 0 (got {v})"
+
+
+def _unit_interval(v: Any) -> str | None:
+    return None if 0 <= v < 1 else f"must be in [0, 1) (got {v})"
+
+
+def _betas(v: Any) -> str | None:
+    return None if all(0 <= b < 1 for b in v) else f"Adam betas must be in [0, 1) (got {list(v)})"
+
+
+def _check(fn):  # field metadata helper
+    return {"check": fn}
+
+
+@dataclass(frozen=True)
+class SigmaConfig:
+    """Noise-level distribution: 'lognormal' (EDM: p_mean, p_std) or 'loguniform' (sigma_min, sigma_max)."""
+
+    kind: Literal["lognormal", "loguniform"] = "lognormal"
+    p_mean: float = -1.2
+    p_std: float = field(default=1.2, metadata=_check(_positive))
+    sigma_min: float = field(default=0.002, metadata=_check(_positive))
+    sigma_max: float = field(default=80.0, metadata=_check(_positive))
+
+    def build(self) -> LogNormalSigma | LogUniformSigma:
+        if self.kind == "lognormal":
+            return LogNormalSigma(self.p_mean, self.p_std)
+        return LogUniformSigma(self.sigma_min, self.sigma_max)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    kind: Literal["toy2d", "digits", "imagenet"]
+    # toy2d
+    grid: int = field(default=5, metadata=_check(_positive))
+    spacing: float = field(default=1.0, metadata=_check(_positive))
+    std: float = field(default=0.05, metadata=_check(_positive))
+    weights: Literal["equal", "unequal"] = "unequal"
+    # digits / imagenet
+    held_out_fraction: float = field(default=0.2, metadata=_check(_unit_interval))
+    source: str = ""
+    resolution: int = field(default=64, metadata=_check(_positive))
+    max_images: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How a teacher comes to be: trained by a stage, fetched (pinned by sha256) or analytic (toy2d)."""
+
+    world: str
+    kind: Literal["train", "fetch"] = "train"
+    arch: Literal["mlp", "conv", "edm"] = "mlp"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    iterations: int = field(default=3000, metadata=_check(_non_negative))
+    batch_size: int = field(default=512, metadata=_check(_positive))
+    lr: float = field(default=2e-3, metadata=_check(_positive))
+    ema_decay: float = field(default=0.999, metadata=_check(_unit_interval))
+    sigma: SigmaConfig = field(default_factory=SigmaConfig)
+    sampler_steps: int = field(default=18, metadata=_check(_positive))
+    sigma_max: float = field(default=80.0, metadata=_check(_positive))
+    sigma_min: float = field(default=0.002, metadata=_check(_positive))
+    source: str = ""
+    sha256: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """g(z) = D(sigma_init z, sigma_init): a copy of the teacher ('teacher') or re-initialised ('scratch').
+    Give either sigma_init or log_snr_init (lambda* = -2 log sigma*), not both."""
+
+    init: Literal["teacher", "scratch"] = "teacher"
+    sigma_init: float | None = field(default=None, metadata=_check(_positive))
+    log_snr_init: float | None = None
+
+    def resolved_sigma(self) -> float:
+        if self.log_snr_init is not None:
+            import math
+
+            return math.exp(-self.log_snr_init / 2)
+        return 2.5 if self.sigma_init is None else self.sigma_init
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """EM distillation settings; paper values where known (METHOD.md), documented defaults otherwise."""
+
+    iterations: int = field(default=2000, metadata=_check(_non_negative))
+    batch_size: int = field(default=256, metadata=_check(_positive))
+    K: int = field(default=8, metadata=_check(_non_negative))
+    gamma_eps: float = field(default=0.3, metadata=_check(_non_negative))
+    gamma_z: float = field(default=0.01, metadata=_check(_non_negative))
+    space: Literal["eps_z", "x_z", "eps", "x"] = "eps_z"
+    cancel_noise: bool = True
+    cancel_initial: bool = True
+    z_step_ref: float = field(default=0.0, metadata=_check(_non_negative))
+    estep_teacher: Literal["network", "analytic"] = "network"
+    mstep_weight: Literal["sigma", "one", "sigma2"] = "sigma"
+    mstep_sigma: SigmaConfig = field(default_factory=SigmaConfig)
+    dsm_sigma: SigmaConfig = field(default_factory=SigmaConfig)
+    lr_g: float = field(default=1e-4, metadata=_check(_positive))
+    lr_s: float = field(default=1e-3, metadata=_check(_positive))
+    betas_g: tuple[float, float] = field(default=(0.0, 0.99), metadata=_check(_betas))
+    betas_s: tuple[float, float] = field(default=(0.0, 0.99), metadata=_check(_betas))
+    score_steps: int = field(default=1, metadata=_check(_positive))
+    ema_decay: float = field(default=0.999, metadata=_check(_unit_interval))
+    grad_clip: float = field(default=1.0, metadata=_check(_non_negative))
+    checkpoint_every: int = field(default=500, metadata=_check(_positive))
+    seed: int = 0
+    gpus: int = field(default=0, metadata=_check(_non_negative))
+    num_processes: int = field(default=1, metadata=_check(_positive))
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+    def langevin(self) -> LangevinConfig:
+        return LangevinConfig(K=self.K, gamma_eps=self.gamma_eps, gamma_z=self.gamma_z, space=self.space,
+                              cancel_noise=self.cancel_noise, cancel_initial=self.cancel_initial,
+                              z_step_ref=self.z_step_ref)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = field(default=10000, metadata=_check(_positive))
+    seed: int = 1234
+    batch_size: int = field(default=1000, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    world: str
+    teacher: str
+    template: str = ""
+    method: Literal["emd", "diff_instruct"] | None = None
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def method_name(self) -> str:
+        """'diff_instruct' for the K=1, gamma_z=0 corner with cancellation (METHOD.md), else 'emd'."""
+        if self.method is not None:
+            return self.method
+        d = self.distill
+        return "diff_instruct" if (d.K == 1 and (d.gamma_z == 0 or d.space in ("eps", "x")) and d.cancel_noise) \
+            else "emd"
+
+
+@dataclass(frozen=True)
+class Params:
+    suite: str
+    worlds: dict[str, WorldConfig]
+    teachers: dict[str, TeacherConfig]
+    templates: dict[str, dict[str, Any]]
+    experiments: dict[str, ExperimentConfig]
+    suites: dict[str, list[str]]
+
+    def suite_experiments(self, suite: str | None = None) -> list[str]:
+        name = suite or self.suite
+        if name not in self.suites:
+            raise ConfigError(f"suite: unknown suite {name!r}; known suites: {sorted(self.suites)}")
+        return list(self.suites[name])
+
+    def suite_teachers(self, suite: str | None = None) -> list[str]:
+        return sorted({self.experiments[e].teacher for e in self.suite_experiments(suite)})
+
+    def suite_worlds(self, suite: str | None = None) -> list[str]:
+        return sorted({self.experiments[e].world for e in self.suite_experiments(suite)})
+
+    def experiment(self, name: str) -> ExperimentConfig:
+        if name not in self.experiments:
+            raise ConfigError(f"experiments: unknown experiment {name!r}; known: {sorted(self.experiments)}")
+        return self.experiments[name]
+
+    def teacher(self, name: str) -> TeacherConfig:
+        if name not in self.teachers:
+            raise ConfigError(f"teachers: unknown teacher {name!r}; known: {sorted(self.teachers)}")
+        return self.teachers[name]
+
+
+# --- generic typed construction ---------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: unknown value {value!r}; expected one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def build(cls: type, data: Any, key: str) -> Any:
+    """Construct dataclass ``cls`` from a mapping, naming ``key.field`` in every error."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key; allowed keys: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{sub}: required key is missing")
+            continue
+        value = _coerce(data[name], hints[name], sub)
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{sub}: {problem}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+TOP_LEVEL = ("suite", "worlds", "teachers", "templates", "experiments", "suites")
+
+
+def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError("params: the file must hold a mapping")
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown top-level key; allowed: {list(TOP_LEVEL)}")
+    for k in TOP_LEVEL:
+        if k not in raw:
+            raise ConfigError(f"{k}: required top-level key is missing")
+    worlds = _coerce(raw["worlds"], dict[str, WorldConfig], "worlds")
+    teachers = _coerce(raw["teachers"], dict[str, TeacherConfig], "teachers")
+    templates = _coerce(raw["templates"], dict[str, dict[str, Any]], "templates")
+    suites = _coerce(raw["suites"], dict[str, list[str]], "suites")
+    suite = _coerce(raw["suite"], str, "suite")
+    for name, t in teachers.items():
+        if t.world not in worlds:
+            raise ConfigError(f"teachers.{name}.world: unknown world {t.world!r}; known: {sorted(worlds)}")
+    raw_experiments = _coerce(raw["experiments"], dict[str, dict[str, Any]], "experiments")
+    experiments: dict[str, ExperimentConfig] = {}
+    for name, exp in raw_experiments.items():
+        key = f"experiments.{name}"
+        merged = exp
+        if "template" in exp:
+            if exp["template"] not in templates:
+                raise ConfigError(f"{key}.template: unknown template {exp['template']!r}; known: {sorted(templates)}")
+            merged = deep_merge(templates[exp["template"]], exp)
+        cfg = build(ExperimentConfig, merged, key)
+        if cfg.world not in worlds:
+            raise ConfigError(f"{key}.world: unknown world {cfg.world!r}; known: {sorted(worlds)}")
+        if cfg.teacher not in teachers:
+            raise ConfigError(f"{key}.teacher: unknown teacher {cfg.teacher!r}; known: {sorted(teachers)}")
+        if teachers[cfg.teacher].world != cfg.world:
+            raise ConfigError(f"{key}.teacher: teacher {cfg.teacher!r} belongs to world "
+                              f"{teachers[cfg.teacher].world!r}, not {cfg.world!r}")
+        if cfg.student.sigma_init is not None and cfg.student.log_snr_init is not None:
+            raise ConfigError(f"{key}.student: give sigma_init or log_snr_init, not both")
+        if cfg.distill.estep_teacher == "analytic" and worlds[cfg.world].kind != "toy2d":
+            raise ConfigError(f"{key}.distill.estep_teacher: 'analytic' exists only for toy2d worlds")
+        experiments[name] = cfg
+    for sname, members in suites.items():
+        for i, e in enumerate(members):
+            if e not in experiments:
+                raise ConfigError(f"suites.{sname}[{i}]: unknown experiment {e!r}")
+    if suite not in suites:
+        raise ConfigError(f"suite: unknown suite {suite!r}; known suites: {sorted(suites)}")
+    params = Params(suite, worlds, teachers, templates, experiments, suites)
+    return params
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Apply an override like ``experiments.toy2d_k8.distill.K=16`` to the raw mapping."""
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: cannot set a key below a non-mapping")
+    node[parts[-1]] = value
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override (KEY=VALUE, VALUE parsed as YAML) and validate params.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"params: {path} is not valid YAML: {e}") from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        set_dotted(raw, k, yaml.safe_load(v))
+    return parse_params(raw)
+
+
+__all__ = ["ConfigError", "Params", "ExperimentConfig", "DistillConfig", "TeacherConfig", "WorldConfig",
+           "StudentConfig", "EvalConfig", "SigmaConfig", "load_params", "parse_params", "SAMPLING_SPACES",
+           "MSTEP_WEIGHTS"]

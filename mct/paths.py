@@ -1,0 +1,36 @@
+"""Where every stage reads and writes: one function per artifact, shared by the CLI, Snakemake and DVC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RUNS = Path("runs")
+REPORTS = Path("reports")
+
+
+def world_data(world: str, kind: str) -> Path:
+    return RUNS / "data" / (f"{world}.zip" if kind == "imagenet" else f"{world}.npz")
+
+
+def teacher_file(teacher: str) -> Path:
+    return RUNS / "teachers" / teacher / "teacher.pt"
+
+
+def student_init(exp: str) -> Path:
+    return RUNS / "experiments" / exp / "student_init.pt"
+
+
+def distill_dir(exp: str) -> Path:
+    return RUNS / "experiments" / exp / "distill"
+
+
+def work_dir(exp: str) -> Path:
+    return RUNS / "work" / exp
+
+
+def samples_file(exp: str) -> Path:
+    return RUNS / "experiments" / exp / "samples.npz"
+
+
+def experiment_metrics(exp: str) -> Path:
+    return REPORTS / "experiments" / f"{exp}.json"

@@ -1,0 +1,244 @@
+"""The distillation loop: score-network DSM steps, then one EM generator step, on accelerate.
+
+State (models, optimisers, EMA, RNG, step) is checkpointed atomically every ``checkpoint_every`` iterations, and a
+restarted run resumes from it, so a run killed at iteration N ends where an uninterrupted run ends (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mct.config import ExperimentConfig
+from mct.emd import Generator, langevin_estep, mstep_loss, score_dsm_loss
+from mct.io import load_torch, save_torch, write_json
+from mct.teacher import ema_update, load_denoiser
+from mct.worlds.registry import World
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss or parameter: the run stops and the last good checkpoint is kept."""
+
+
+def one_hot_labels(n: int, label_dim: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor | None:
+    """Uniform class labels drawn from ``rng`` (deterministic given its state), one-hot; None if unconditional."""
+    if label_dim == 0:
+        return None
+    idx = torch.randint(0, label_dim, (n,), generator=rng, device=device)
+    return torch.nn.functional.one_hot(idx, label_dim).float()
+
+
+# --- student initialisation ------------------------------------------------------------------------------
+
+
+def init_student(world: World, exp: ExperimentConfig, teacher_path: Path, out: Path) -> dict[str, Any]:
+    """Generator = copy of the teacher ('teacher') or re-initialised ('scratch'); score network = teacher copy."""
+    teacher, spec = load_denoiser(teacher_path, world)
+    gen_net = copy.deepcopy(teacher)
+    if exp.student.init == "scratch":
+        from mct.nets.conv import reset_parameters
+
+        torch.manual_seed(exp.distill.seed)
+        reset_parameters(gen_net)
+    sigma_init = exp.student.resolved_sigma()
+    save_torch({"format": "mct-student-v1", "spec": spec, "sigma_init": sigma_init, "init": exp.student.init,
+                "generator": gen_net.state_dict(), "score": teacher.state_dict()}, out)
+    return {"sigma_init": sigma_init, "init": exp.student.init}
+
+
+def load_generator(path: Path, world: World, key: str = "generator") -> Generator:
+    """Generator from a student-init file ('generator') or a distill output ('ema' / 'generator')."""
+    ckpt = load_torch(path)
+    if ckpt.get("format") not in ("mct-student-v1", "mct-generator-v1"):
+        raise ValueError(f"{path}: not an mct student or generator file (format {ckpt.get('format')!r})")
+    spec = ckpt["spec"]
+    gen = Generator(world.build_network(spec["arch"], spec["arch_kwargs"]), ckpt["sigma_init"])
+    gen.denoiser.load_state_dict(ckpt[key])
+    return gen
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+
+
+def _grad_norm(acc: Accelerator, params, max_norm: float) -> float:
+    limit = max_norm if max_norm > 0 else math.inf
+    return float(acc.clip_grad_norm_(params, limit))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_path: Path, out_dir: Path,
+            work_dir: Path, progress: bool = True, stop_after: int | None = None,
+            accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Run (or resume) EM distillation; write generator.pt, log.jsonl and summary.json into ``out_dir``.
+
+    ``stop_after`` ends the process-local run after that many total iterations without writing the final outputs,
+    as a kill would (used to test resume).
+    """
+    d = exp.distill
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=d.mixed_precision)
+    device = acc.device
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    teacher, _ = load_denoiser(teacher_path, world)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    estep_teacher = world.analytic_denoiser().to(device) if d.estep_teacher == "analytic" else teacher
+    st = load_torch(student_path)
+    spec = st["spec"]
+    gen = Generator(world.build_network(spec["arch"], spec["arch_kwargs"]), st["sigma_init"])
+    gen.denoiser.load_state_dict(st["generator"])
+    score = world.build_network(spec["arch"], spec["arch_kwargs"])
+    score.load_state_dict(st["score"])
+    gen, score = gen.to(device), score.to(device)
+    ema = copy.deepcopy(gen).requires_grad_(False)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=d.lr_g, betas=d.betas_g)
+    opt_s = torch.optim.Adam(score.parameters(), lr=d.lr_s, betas=d.betas_s)
+    rng = torch.Generator(device=device).manual_seed(d.seed * 1_000_003 + acc.process_index)
+
+    ckpt_path = work_dir / "checkpoint.pt"
+    rng_path = work_dir / f"rng.rank{acc.process_index}.pt"
+    start = 0
+    if ckpt_path.exists():
+        ck = load_torch(ckpt_path)
+        gen.load_state_dict(ck["generator"])
+        score.load_state_dict(ck["score"])
+        ema.load_state_dict(ck["ema"])
+        opt_g.load_state_dict(ck["opt_g"])
+        opt_s.load_state_dict(ck["opt_s"])
+        rng.set_state(load_torch(rng_path)["rng"])
+        start = int(ck["step"])
+    gen_p, score_p, opt_g, opt_s = acc.prepare(gen, score, opt_g, opt_s)
+    gen_raw, score_raw = acc.unwrap_model(gen_p), acc.unwrap_model(score_p)
+
+    log_path = work_dir / "log.jsonl"
+    records = []
+    if log_path.exists():  # keep only what the checkpoint covers, so a resumed log has no duplicate steps
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r["iteration"] < start]
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    log_file = open(log_path, "a")  # noqa: SIM115 - kept open for the whole loop
+
+    langevin = d.langevin()
+    dsm_sigma, m_sigma = d.dsm_sigma.build(), d.mstep_sigma.build()
+    shape = world.data_shape
+    b = d.batch_size
+    bar = tqdm(range(start, d.iterations), initial=start, total=d.iterations, desc=f"distill {exp.method_name} K={d.K}",
+               disable=not (progress and acc.is_main_process), mininterval=1.0)
+    t_run = time.perf_counter()
+    try:
+        for it in bar:
+            t0 = time.perf_counter()
+            for _ in range(d.score_steps):
+                z = torch.randn((b, *shape), generator=rng, device=device)
+                labels = one_hot_labels(b, world.label_dim, rng, device)
+                sigma = dsm_sigma.sample(b, rng, device)
+                noise = torch.randn((b, *shape), generator=rng, device=device)
+                loss_s = score_dsm_loss(score_p, gen_raw, z, sigma, labels, noise, world.sigma_data)
+                opt_s.zero_grad(set_to_none=True)
+                acc.backward(loss_s)
+                gn_s = _grad_norm(acc, score_p.parameters(), d.grad_clip)
+                opt_s.step()
+            _sync(device)
+            t1 = time.perf_counter()
+            z0 = torch.randn((b, *shape), generator=rng, device=device)
+            eps0 = torch.randn((b, *shape), generator=rng, device=device)
+            labels = one_hot_labels(b, world.label_dim, rng, device)
+            sigma = m_sigma.sample(b, rng, device)
+            res = langevin_estep(gen_raw, estep_teacher, score_raw, z0, eps0, sigma, labels, langevin, rng)
+            _sync(device)
+            t2 = time.perf_counter()
+            loss_g = mstep_loss(gen_p, res.z, res.eps_tilde, sigma, labels, d.mstep_weight)
+            opt_g.zero_grad(set_to_none=True)
+            acc.backward(loss_g)
+            gn_g = _grad_norm(acc, gen_p.parameters(), d.grad_clip)
+            if not (math.isfinite(loss_g.item()) and math.isfinite(loss_s.item()) and math.isfinite(gn_g)):
+                raise DivergenceError(
+                    f"distillation diverged at iteration {it}: loss_g={float(loss_g)}, loss_s={float(loss_s)}, "
+                    f"grad_norm_g={gn_g}; the last good checkpoint is kept at {ckpt_path}")
+            opt_g.step()
+            ema_update(ema, gen_raw, d.ema_decay)
+            _sync(device)
+            t3 = time.perf_counter()
+            rec = {"iteration": it, "loss_score": loss_s.item(), "loss_gen": loss_g.item(),
+                   "grad_norm_gen": gn_g, "grad_norm_score": gn_s,
+                   "eps_tilde_norm": float(res.eps_tilde.flatten(1).norm(dim=1).mean()),
+                   "z_shift": float((res.z - z0).flatten(1).norm(dim=1).mean()),
+                   "t_score": t1 - t0, "t_estep": t2 - t1, "t_mstep": t3 - t2}
+            if acc.is_main_process:
+                log_file.write(json.dumps(rec) + "\n")
+            done = it + 1
+            if done % d.checkpoint_every == 0 or done == d.iterations:
+                log_file.flush()
+                acc.wait_for_everyone()
+                save_torch({"rng": rng.get_state()}, rng_path)
+                if acc.is_main_process:
+                    save_torch({"step": done, "generator": gen_raw.state_dict(), "score": score_raw.state_dict(),
+                                "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_s": opt_s.state_dict()},
+                               ckpt_path)
+            if stop_after is not None and done >= stop_after:
+                return {"stopped_at": done}
+    finally:
+        log_file.close()
+        bar.close()
+
+    seconds = time.perf_counter() - t_run
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    summary = {
+        "experiment_method": exp.method_name, "iterations": d.iterations, "K": d.K, "space": d.space,
+        "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial, "seconds_this_run": round(seconds, 2),
+        "sec_per_iter": _mean_tail([r["t_score"] + r["t_estep"] + r["t_mstep"] for r in records]),
+        "sec_per_iter_estep": _mean_tail([r["t_estep"] for r in records]),
+        "final_loss_score": _mean_tail([r["loss_score"] for r in records]),
+        "final_grad_norm_gen": _mean_tail([r["grad_norm_gen"] for r in records]),
+        "langevin": asdict(langevin),
+    }
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_torch({"format": "mct-generator-v1", "spec": spec, "sigma_init": st["sigma_init"],
+                    "ema": _denoiser_state(ema),
+                    "generator": _denoiser_state(gen_raw)}, out_dir / "generator.pt")
+        from mct.io import atomic_path
+
+        with atomic_path(out_dir / "log.jsonl") as tmp:
+            tmp.write_text(log_path.read_text())
+        write_json(summary, out_dir / "summary.json")
+    return summary
+
+
+def _denoiser_state(gen: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in gen.denoiser.state_dict().items()}
+
+
+def _mean_tail(values: list[float], n: int = 50) -> float:
+    tail = values[-n:]
+    return float(sum(tail) / len(tail)) if tail else float("nan")
+
+
+@torch.no_grad()
+def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_dim: int, batch_size: int = 1000,
+             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
+    """n one-step samples; z and labels drawn from one seeded generator, so the same seed gives the same set."""
+    rng = torch.Generator(device=device).manual_seed(seed)
+    gen = gen.to(device).eval()
+    xs, ys = [], []
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        z = torch.randn((m, *shape), generator=rng, device=device)
+        labels = one_hot_labels(m, label_dim, rng, device)
+        xs.append(gen(z, labels).cpu())
+        if labels is not None:
+            ys.append(labels.argmax(1).cpu())
+    return torch.cat(xs), (torch.cat(ys) if ys else None)
