@@ -325,7 +325,7 @@ def restricted_load(f: BinaryIO) -> Any:
             return _finalize(RestrictedUnpickler(f).load())
         except CheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, ValueError) as e:
+        except Exception as e:  # malformed input surfaces as many exception types inside the unpickler
             raise CheckpointError(f"not a readable pickle: {type(e).__name__}: {e}") from e
 
 
@@ -502,7 +502,12 @@ def _tensor_dicts(obj: Any, prefix: str = "") -> list[tuple[str, dict[str, Tenso
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Format, sha256, size and the networks in a checkpoint, read through the same safe loaders
-    (nothing is executed; refusals raise :class:`UnsafeCheckpointError`)."""
+    (nothing is executed; refusals raise :class:`UnsafeCheckpointError`).
+
+    EDM pickles: one entry per preconditioner or parameter-holding record, with its parameter count (buffers
+    apart) and recorded init kwargs. State dicts: one entry per dict of tensors; ``num_parameters`` there counts
+    every tensor element, since a state dict does not tell parameters from buffers.
+    """
     fmt = detect_format(path)
     info: dict[str, Any] = dict(path=str(path), format=fmt, sha256=sha256_file(path),
                                 size_bytes=os.path.getsize(path), networks=[], other_keys=[])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -116,6 +117,78 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _world(params: Params, name: str):
+    from mct.worlds.registry import make_world
+
+    if name not in params.worlds:
+        raise ConfigError(f"worlds: unknown world {name!r}; known: {sorted(params.worlds)}")
+    return make_world(name, params.worlds[name])
+
+
+def _feature_path(world) -> Path | None:
+    return paths.feature_net(world.name) if world.kind == "digits" else None
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from mct.evaluate import train_features
+
+    params = _params(args)
+    world = _world(params, args.world)
+    out = Path(args.out or paths.feature_net(args.world))
+    meta = train_features(world, paths.world_data(world.name, world.kind), out)
+    print(f"feature network for {args.world}: held-out accuracy {meta['held_out_accuracy']:.4f}")
+    return 0
+
+
+def cmd_ref_stats(args: argparse.Namespace) -> int:
+    from mct.evaluate import reference_stats
+
+    params = _params(args)
+    world = _world(params, args.world)
+    out = Path(args.out or paths.reference_stats(args.world))
+    meta = reference_stats(world, paths.world_data(world.name, world.kind), _feature_path(world), out)
+    print(f"reference statistics {meta} -> {out}")
+    return 0
+
+
+def cmd_teacher_eval(args: argparse.Namespace) -> int:
+    from mct.evaluate import evaluate_teacher
+
+    params = _params(args)
+    tcfg = params.teacher(args.teacher)
+    world = _world(params, tcfg.world)
+    rec = evaluate_teacher(world, args.teacher, tcfg, paths.teacher_file(args.teacher),
+                           paths.world_data(world.name, world.kind), _feature_path(world),
+                           paths.reference_stats(world.name), args.num or 10000, args.seed,
+                           Path(args.out or paths.teacher_metrics(args.teacher)))
+    print(json.dumps(rec, indent=1))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mct.evaluate import evaluate_experiment
+
+    params = _params(args)
+    exp = params.experiment(args.experiment)
+    world = _world(params, exp.world)
+    rec = evaluate_experiment(world, args.experiment, exp, params.teacher(exp.teacher),
+                              paths.samples_file(args.experiment), paths.distill_dir(args.experiment),
+                              paths.teacher_file(exp.teacher), paths.world_data(world.name, world.kind),
+                              _feature_path(world), paths.reference_stats(world.name),
+                              Path(args.out or paths.experiment_metrics(args.experiment)))
+    print(json.dumps(rec, indent=1))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mct.report import build_report
+
+    params = _params(args)
+    out = build_report(params, args.suite or params.suite, Path(args.out or paths.REPORTS))
+    print(f"report -> {out}")
+    return 0
+
+
 def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
     from mct.checkpoint import format_inspection, inspect_checkpoint
 
@@ -170,6 +243,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("features", help="train the FID feature network of an image world (digits)")
+    _common(p)
+    p.add_argument("--world", required=True)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_features)
+
+    p = sub.add_parser("ref-stats", help="reference FID statistics of a world's held-out split")
+    _common(p)
+    p.add_argument("--world", required=True)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_ref_stats)
+
+    p = sub.add_parser("teacher-eval", help="metrics of the teacher's multistep sampler")
+    _common(p)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--num", type=int, default=None)
+    p.add_argument("--seed", type=int, default=4321)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_teacher_eval)
+
+    p = sub.add_parser("evaluate", help="metrics of a distilled experiment")
+    _common(p)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("report", help="tables and figures of a suite into reports/")
+    _common(p)
+    p.add_argument("--suite", default=None)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("inspect-checkpoint", help="show what a checkpoint holds, through the safe loader")
     p.add_argument("path")

@@ -34,3 +34,23 @@ def samples_file(exp: str) -> Path:
 
 def experiment_metrics(exp: str) -> Path:
     return REPORTS / "experiments" / f"{exp}.json"
+
+
+def feature_net(world: str) -> Path:
+    return RUNS / "features" / world / "feature_net.pt"
+
+
+def reference_stats(world: str) -> Path:
+    return RUNS / "refstats" / f"{world}.npz"
+
+
+def teacher_metrics(teacher: str) -> Path:
+    return REPORTS / "teachers" / f"{teacher}.json"
+
+
+def metrics_file() -> Path:
+    return REPORTS / "metrics.json"
+
+
+def report_index() -> Path:
+    return REPORTS / "index.md"

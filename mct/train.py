@@ -166,7 +166,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
             gn_g = _grad_norm(acc, gen_p.parameters(), d.grad_clip)
             if not (math.isfinite(loss_g.item()) and math.isfinite(loss_s.item()) and math.isfinite(gn_g)):
                 raise DivergenceError(
-                    f"distillation diverged at iteration {it}: loss_g={float(loss_g)}, loss_s={float(loss_s)}, "
+                    f"distillation diverged at iteration {it}: loss_g={loss_g.item()}, loss_s={loss_s.item()}, "
                     f"grad_norm_g={gn_g}; the last good checkpoint is kept at {ckpt_path}")
             opt_g.step()
             ema_update(ema, gen_raw, d.ema_decay)

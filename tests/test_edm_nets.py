@@ -24,7 +24,6 @@ from mct.nets.edm import (
 )
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny convs run ~100x slower when torch's threads compete on a busy 2-core machine."""
