@@ -22,9 +22,16 @@ MUNGE_SOCKET=/run/munge/munge.socket.2
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
 
+# A start that fails shows the daemons' logs and stops what it started, so nothing half-up stays behind.
+fail_start() {
+    log_tails
+    cmd_stop >/dev/null 2>&1 || true
+    die "$@"
+}
+
 log_tails() {
     local f
-    for f in "$LOG"/*.log; do
+    for f in "$LOG"/munged.log "$LOG"/slurmctld.log "$LOG"/slurmd.log; do
         [ -f "$f" ] || continue
         echo "---- tail of $f" >&2
         tail -n 20 "$f" >&2
@@ -93,21 +100,24 @@ start_munge() {
     rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
     setsid setpriv --reuid=munge --regid=munge --init-groups \
         munged --foreground --socket="$MUNGE_SOCKET" --log-file="$LOG/munged.log" \
-        </dev/null >>"$LOG/munged.log" 2>&1 &
+        </dev/null >>"$LOG/munged.log" 2>&1 9>&- &
     echo "munged $!" >>"$PIDS"
     local i
     for i in $(seq 1 50); do
         munge_works && return 0
         sleep 0.1
     done
-    log_tails
-    die "munged did not answer on $MUNGE_SOCKET"
+    fail_start "munged did not answer on $MUNGE_SOCKET"
 }
 
-write_conf() {
+check_conf_is_ours() {
     if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
         die "$CONF exists and was not written by this script; refusing to overwrite it"
     fi
+}
+
+write_conf() {
+    check_conf_is_ours
     local cpus mem_mb tmp
     cpus=$(nproc)
     # Leave a tenth of the memory to the system; with config_overrides slurmd trusts these numbers.
@@ -154,7 +164,7 @@ EOF
 start_daemon() {
     local name=$1
     shift
-    setsid "$@" </dev/null >>"$LOG/$name.out" 2>&1 &
+    setsid "$@" </dev/null >>"$LOG/$name.out" 2>&1 9>&- &
     echo "$name $!" >>"$PIDS"
 }
 
@@ -166,6 +176,7 @@ cmd_start() {
     fi
     # Anything of ours left from a half-started cluster goes first, so the pid file stays truthful.
     cmd_stop >/dev/null 2>&1 || true
+    check_conf_is_ours
     ensure_packages
     start_munge
     write_conf
@@ -181,14 +192,11 @@ cmd_start() {
         esac
         local alive
         alive=$(recorded_alive)
-        echo "$alive" | grep -q '^slurmctld ' && echo "$alive" | grep -q '^slurmd ' || {
-            log_tails
-            die "a Slurm daemon exited during start-up (see $LOG)"
-        }
+        echo "$alive" | grep -q '^slurmctld ' && echo "$alive" | grep -q '^slurmd ' ||
+            fail_start "a Slurm daemon exited during start-up (see $LOG)"
         sleep 0.5
     done
-    log_tails
-    die "node not idle after $WAIT_S s (last state: '${state:-no answer}'; logs in $LOG)"
+    fail_start "node not idle after $WAIT_S s (last state: '${state:-no answer}'; logs in $LOG)"
 }
 
 cmd_stop() {
@@ -231,6 +239,7 @@ cmd_status() {
 }
 
 # One start or stop at a time (two test sessions may ask together); status needs no lock.
+# The daemons are started with fd 9 closed, or they would hold the lock for their lifetime.
 lock() { mkdir -p "$RUN"; exec 9>"$RUN/lock"; flock -w 900 9 || die "could not lock $RUN/lock"; }
 
 case "${1:-}" in

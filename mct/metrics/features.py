@@ -126,6 +126,7 @@ def save_feature_net(path: str | os.PathLike, net: FeatureNet, meta: dict[str, A
     path = Path(path)
     payload = {"config": dict(net.config), "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                "meta": dict(meta)}
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -75,6 +75,7 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta:
     buf = io.BytesIO()
     np.savez(buf, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
              meta=np.array(json.dumps(meta, sort_keys=True)))
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

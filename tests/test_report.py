@@ -1,0 +1,333 @@
+"""The report stage on fixture metrics, logs and samples: tables, not-run rows, determinism, atomic writes,
+and the HTML page opened in a real headless Chromium."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mct import report
+from mct.config import parse_params
+from mct.report import NOT_RUN, build_report
+from tests.conftest import TINY_RAW
+
+ARTIFACTS = Path("/tmp/mct-test-artifacts")
+TOY_RUN = ("tiny_di", "tiny_emd", "tiny_emd_k8", "tiny_xz", "tiny_nocancel")  # + tiny_scratch, never run
+
+
+def report_raw() -> dict:
+    raw = copy.deepcopy(TINY_RAW)
+    raw["worlds"]["digits"] = {"kind": "digits"}
+    raw["worlds"]["imagenet64"] = {"kind": "imagenet", "resolution": 64}
+    raw["teachers"]["digits_conv"] = {"world": "digits", "arch": "conv", "sampler_steps": 10}
+    raw["teachers"]["edm64"] = {"world": "imagenet64", "kind": "fetch", "arch": "edm", "sampler_steps": 256}
+    raw["templates"]["digits"] = {"world": "digits", "teacher": "digits_conv", "distill": {"K": 8}}
+    raw["templates"]["in64"] = {"world": "imagenet64", "teacher": "edm64", "distill": {"K": 8}}
+    raw["experiments"].update({
+        "tiny_emd_k8": {"template": "toy2d", "distill": {"K": 8}},
+        "tiny_xz": {"template": "toy2d", "distill": {"space": "x_z"}},
+        "tiny_nocancel": {"template": "toy2d", "distill": {"cancel_noise": False}},
+        "tiny_scratch": {"template": "toy2d", "student": {"init": "scratch"}},
+        "dg_di": {"template": "digits", "distill": {"K": 1, "gamma_z": 0.0}},
+        "dg_emd": {"template": "digits"},
+        "in_di": {"template": "in64", "distill": {"K": 1, "gamma_z": 0.0}},
+        "in_emd": {"template": "in64"},
+    })
+    raw["suites"]["report"] = [*TOY_RUN, "tiny_scratch", "dg_di", "dg_emd"]
+    raw["suites"]["toy_only"] = ["tiny_di", "tiny_emd"]
+    raw["suites"]["paper"] = ["in_di", "in_emd"]
+    return raw
+
+
+def exp_record(params, name: str, fid: float, sec: float, toy: bool) -> dict:
+    exp = params.experiment(name)
+    d = exp.distill
+    rec = {"experiment": name, "world": exp.world, "method": exp.method_name, "K": d.K, "nfe": 1,
+           "space": d.space, "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial,
+           "init": exp.student.init, "gamma_eps": d.gamma_eps, "gamma_z": d.gamma_z,
+           "iterations": d.iterations, "fid": fid,
+           "precision": 0.5 + fid / 100, "recall": 0.9 - fid / 100, "samples_per_s": 5000.0 + fid,
+           "teacher_samples_per_s": 150.0, "teacher_nfe": 35, "speedup": 33.3, "speedup_over_nfe": 0.95,
+           "sec_per_iter": sec, "sec_per_iter_estep": sec / 2}
+    if toy:
+        rec.update(modes_covered=20 + int(fid) % 5, modes_total=25, mode_tv=fid / 50, mode_precision=0.8,
+                   nll=1.5)
+    return rec
+
+
+def write_fixtures(root: Path, params) -> None:
+    """Evaluator records, training logs and samples as the pipeline would leave them (tiny_scratch and the
+    digits teacher deliberately missing)."""
+    rep, runs = root / "reports", root / "runs"
+    (rep / "experiments").mkdir(parents=True)
+    (rep / "teachers").mkdir(parents=True)
+    fids = {"tiny_di": 9.0, "tiny_emd": 3.0, "tiny_emd_k8": 2.0, "tiny_xz": 4.0, "tiny_nocancel": 6.0,
+            "dg_di": 30.0, "dg_emd": 20.0, "in_di": 5.5, "in_emd": 2.5}
+    for i, (name, fid) in enumerate(fids.items()):
+        rec = exp_record(params, name, fid, sec=0.01 * (i + 1), toy=name.startswith("tiny"))
+        (rep / "experiments" / f"{name}.json").write_text(json.dumps(rec))
+    for t, world, fid in (("toy2d_mlp", "toy2d", 1.0), ("edm64", "imagenet64", 2.3)):
+        rec = {"teacher": t, "world": world, "method": "teacher", "K": None, "nfe": 35, "fid": fid,
+               "precision": 0.7, "recall": 0.7, "samples_per_s": 150.0}
+        (rep / "teachers" / f"{t}.json").write_text(json.dumps(rec))
+    rng = np.random.default_rng(0)
+    for j, name in enumerate(("tiny_emd", "tiny_nocancel", "tiny_di")):
+        d = runs / "experiments" / name / "distill"
+        d.mkdir(parents=True)
+        lines = [json.dumps({"iteration": it, "loss_score": 1.0, "loss_gen": float(rng.normal()),
+                             "grad_norm_gen": (1 + j) * (1.0 + it / 10), "grad_norm_score": 1.0,
+                             "eps_tilde_norm": 1.0, "z_shift": 0.1, "t_score": 0.01, "t_estep": 0.02,
+                             "t_mstep": 0.01}) for it in range(30)]
+        (d / "log.jsonl").write_text("\n".join(lines) + "\n")
+    from mct.worlds.registry import make_world
+
+    mix = make_world("toy2d", params.worlds["toy2d"]).mixture
+    for name in ("tiny_di", "tiny_emd", "tiny_xz"):
+        x = mix.sample(600, torch.Generator().manual_seed(1)).numpy()
+        np.savez(_mk(runs / "experiments" / name) / "samples.npz", x=x)
+    labels = np.eye(10, dtype=np.float32)[np.arange(40) % 10]
+    np.savez(_mk(runs / "experiments" / "dg_emd") / "samples.npz",
+             x=rng.uniform(-1, 1, (40, 1, 8, 8)).astype(np.float32), labels=labels)
+    for name in ("in_di", "in_emd"):
+        x = rng.uniform(-1, 1, (6, 3, 8, 8)).astype(np.float32)
+        np.savez(_mk(runs / "experiments" / name) / "samples.npz", x=x)
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One report of suite 'report' in <root>/reports, beside the evaluator records it reads."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("report")
+    params = parse_params(report_raw())
+    write_fixtures(root, params)
+    t0 = time.perf_counter()
+    index = build_report(params, "report", root / "reports", reports_in=root / "reports",
+                         runs_dir=root / "runs")
+    seconds = time.perf_counter() - t0
+    print(f"report build: {seconds:.2f} s")
+    return root, params, index
+
+
+def table(root: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(root / "reports" / "tables" / f"{name}.csv", dtype=str, keep_default_na=False)
+
+
+def test_main_table_rows_and_columns(built):
+    root, _, index = built
+    assert index == root / "reports" / "index.html"
+    main = table(root, "toy2d_main")
+    assert list(main.columns) == ["method", "experiment", "NFE", "FID", "precision", "recall",
+                                  "modes covered", "mode TV", "samples/s"]
+    assert list(main.method) == ["Teacher (35 NFE)", "Diff-Instruct (K=1)", "EMD-4", "EMD-8"]
+    assert list(main.experiment) == ["toy2d_mlp", "tiny_di", "tiny_emd", "tiny_emd_k8"]
+    assert list(main.FID) == ["1.0", "9.0", "3.0", "2.0"]
+    assert main["modes covered"][2] == "23/25"
+    digits = table(root, "digits_main")
+    assert "modes covered" not in digits.columns
+    # The digits teacher has no metrics file: its row is there, not run, NFE from params (10 Heun steps).
+    assert list(digits.iloc[0]) == ["Teacher (19 NFE)", "digits_conv", "19"] + [NOT_RUN] * 4
+
+
+def test_ablation_tables_hold_one_factor_at_a_time(built):
+    root, _, _ = built
+    space = table(root, "toy2d_space")
+    assert list(space["sampling space"]) == ["(eps, z)", "(x, z)", "eps", "x"]
+    assert list(space.experiment) == ["tiny_emd", "tiny_xz", NOT_RUN, NOT_RUN]
+    assert list(space.FID) == ["3.0", "4.0", NOT_RUN, NOT_RUN]
+    noise = table(root, "toy2d_noise")
+    assert list(noise.cancellation) == ["none", "injected only", "injected + initial"]
+    assert list(noise.experiment) == ["tiny_nocancel", NOT_RUN, "tiny_emd"]
+    # grad norm: mean of the last 10% (3 of 30) logged values; tiny_emd logs 1 + it/10, tiny_nocancel twice.
+    assert float(noise["grad norm"][2]) == pytest.approx(1 + 28 / 10)
+    assert float(noise["grad norm"][0]) == pytest.approx(2 * (1 + 28 / 10))
+    assert table(root, "digits_noise")["grad norm"][2] == "no log"  # dg_emd ran, but left no log.jsonl
+    k = table(root, "toy2d_K")
+    assert list(k.K) == ["1", "2", "4", "8", "16"]  # the paper's levels; Diff-Instruct (gamma_z=0) is not K=1
+    assert list(k.experiment) == [NOT_RUN, NOT_RUN, "tiny_emd", "tiny_emd_k8", NOT_RUN]
+    init = table(root, "toy2d_init")
+    assert list(init.experiment) == ["tiny_emd", "tiny_scratch"]
+    assert list(init.FID) == ["3.0", NOT_RUN]  # configured, metrics file missing
+    steps = table(root, "toy2d_step_size")
+    assert list(steps["step sizes"]) == ["gamma_eps=0.3, gamma_z=0.02"]
+    cost = table(root, "toy2d_cost")
+    assert list(cost.method) == ["Diff-Instruct", "EMD-1", "EMD-2", "EMD-4", "EMD-8", "EMD-16"]
+    # sec_per_iter fixtures: tiny_di 0.01, tiny_emd 0.02, tiny_emd_k8 0.03
+    assert [float(cost["x Diff-Instruct"][i]) for i in (0, 3, 4)] == pytest.approx([1.0, 2.0, 3.0])
+    assert cost["x Diff-Instruct"][1] == NOT_RUN
+
+
+def test_paper_table(built, tmp_path):
+    root, params, _ = built
+    paper = table(root, "paper")
+    assert list(paper.columns) == ["dataset", "method", "NFE", "FID (paper)", "FID (ours)", "source"]
+    emd64 = paper[(paper.dataset == "ImageNet 64x64") & (paper.method == "EMD")].iloc[0]
+    assert (emd64["FID (paper)"], emd64["FID (ours)"]) == ("2.2", NOT_RUN)  # suite 'report' has no ImageNet
+    assert paper[paper.method == "DMD2"].iloc[0]["FID (ours)"] == "-"
+    assert set(paper.source.str.startswith("Xie et al. 2024, arXiv 2405.16852")) == {True}
+    # A suite with an ImageNet-64 world fills 'ours' for the methods it runs; ImageNet 128 stays not run.
+    build_report(params, "paper", tmp_path, reports_in=root / "reports", runs_dir=root / "runs")
+    ours = pd.read_csv(tmp_path / "tables" / "paper.csv", dtype=str, keep_default_na=False)
+    by = dict(zip(zip(ours.dataset, ours.method, strict=True), ours["FID (ours)"], strict=True))
+    assert by[("ImageNet 64x64", "EMD")] == "2.5"
+    assert by[("ImageNet 64x64", "Diff-Instruct")] == "5.5"
+    assert by[("ImageNet 64x64", "EDM teacher")] == "2.3"
+    assert by[("ImageNet 128x128", "EMD-16")] == NOT_RUN
+    assert (tmp_path / "figures" / "imagenet64_grid_in_emd.png").exists()  # RGB grids go through image_grid
+
+
+def test_metrics_json(built):
+    root, params, _ = built
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert sorted(metrics) == sorted(params.suite_experiments("report") + params.suite_teachers("report"))
+    assert metrics["tiny_emd"]["status"] == "ok" and metrics["tiny_emd"]["fid"] == 3.0
+    missing = metrics["tiny_scratch"]
+    assert missing["status"] == NOT_RUN and missing["fid"] is None and missing["init"] == "scratch"
+    assert missing["K"] == 4 and missing["nfe"] == 1
+    # Stable keys: every record of a kind has every documented key, whether or not it ran.
+    toy_keys = set(report.EXPERIMENT_KEYS + report.TOY2D_KEYS) | {"status"}
+    assert set(missing) == toy_keys and set(metrics["tiny_emd"]) == toy_keys
+    assert set(metrics["dg_emd"]) == set(report.EXPERIMENT_KEYS) | {"status"}
+    assert metrics["digits_conv"] == {"teacher": "digits_conv", "world": "digits", "method": "teacher",
+                                      "K": None, "nfe": 19, "fid": None, "precision": None, "recall": None,
+                                      "samples_per_s": None, "status": NOT_RUN}
+
+
+def test_page_links_tables_and_figures(built):
+    root, _, _ = built
+    out = root / "reports"
+    md = (out / "index.md").read_text()
+    for name in ("toy2d_k_sweep", "toy2d_noise_cancellation", "toy2d_samples", "toy2d_speed",
+                 "digits_samples", "digits_grid_dg_emd"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+        assert f"](figures/{name}.png)" in md
+    assert not (out / "figures" / "digits_grid_dg_di.png").exists()  # dg_di has no samples file
+    assert "| Diff-Instruct (K=1) | tiny_di | 1 | 9 |" in md
+    tex = (out / "tables" / "toy2d_space.tex").read_text()
+    assert tex.count("not run") == 2 * 6  # rows eps and x: experiment + 5 metric cells
+    assert "(eps, z)" in tex and r"\begin{tabular}" in tex
+    assert (out / "experiments" / "tiny_emd.json").exists()  # the inputs beside the report are untouched
+    assert not list(out.glob(".report-build.*"))
+
+
+def test_two_builds_are_byte_identical(built, tmp_path):
+    root, params, _ = built
+    build_report(params, "report", tmp_path / "a", reports_in=root / "reports", runs_dir=root / "runs")
+    build_report(params, "report", tmp_path / "b", reports_in=root / "reports", runs_dir=root / "runs")
+    a, b = hashes(tmp_path / "a"), hashes(tmp_path / "b")
+    assert len(a) > 30 and a == b
+    built_files = {k: v for k, v in hashes(root / "reports").items()
+                   if not k.startswith(("experiments", "teachers"))}
+    assert built_files == a
+
+
+def test_failed_build_keeps_previous_report_and_drops_stale_files(built, tmp_path, monkeypatch):
+    root, params, _ = built
+    out = tmp_path / "out"
+    build_report(params, "report", out, reports_in=root / "reports", runs_dir=root / "runs")
+    before = hashes(out)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(report, "fig_speed", boom)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        build_report(params, "toy_only", out, reports_in=root / "reports", runs_dir=root / "runs")
+    assert hashes(out) == before
+    assert not list(out.glob(".report-build.*"))
+    monkeypatch.undo()
+    build_report(params, "toy_only", out, reports_in=root / "reports", runs_dir=root / "runs")
+    assert not (out / "figures" / "digits_samples.png").exists()  # a smaller suite leaves no stale figures
+    assert not (out / "tables" / "digits_main.csv").exists()
+
+
+CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => ({src: i.getAttribute('src'),
+                                               ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth}));
+  const links = [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')).map(h => ({href: h,
+    // an in-page link must name an element of the page
+    target: h.startsWith('#') ? !!document.getElementById(h.slice(1)) : null}));
+  const pre = document.createElement('pre');
+  pre.id = 'mct-check';
+  pre.textContent = JSON.stringify({imgs, links});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_html_in_headless_chromium(built, tmp_path):
+    """Open the page in Chromium: every <img> must decode (naturalWidth > 0) and every link must name a file.
+
+    A copy of the page with a checking script and one deliberately broken image (the control) is loaded from
+    the report folder, so relative paths resolve as for a reader; the control proves that the check can fail.
+    """
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    out = built[0] / "reports"
+    page = (out / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<link" not in page  # nothing to fetch
+    check = out / "_check.html"
+    control = '<img id="control" src="figures/no-such-file.png" alt="control">'
+    check.write_text(page.replace("</body>", f"{control}\n{CHECK_SCRIPT}\n</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'ud'}", "--window-size=1200,3000"]
+    version = subprocess.run([chromium, "--version"], capture_output=True, text=True, timeout=60).stdout
+    try:
+        t0 = time.perf_counter()
+        dom = subprocess.run([chromium, *flags, "--virtual-time-budget=10000", "--dump-dom", check.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        t_dom = time.perf_counter() - t0
+    finally:
+        check.unlink()
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    start = dom.stdout.index('<pre id="mct-check">') + len('<pre id="mct-check">')
+    import html as htmllib
+
+    result = json.loads(htmllib.unescape(dom.stdout[start:dom.stdout.index("</pre>", start)]))
+    imgs = {i["src"]: i["ok"] for i in result["imgs"]}
+    assert imgs.pop("figures/no-such-file.png") is False  # the control image fails to load
+    assert len(imgs) >= 9 and all(imgs.values()), [s for s, ok in imgs.items() if not ok]
+    files = [a["href"] for a in result["links"] if a["target"] is None]
+    anchors = [a for a in result["links"] if a["target"] is not None]
+    assert len(files) >= 2 * 17 and all((out / h).is_file() for h in files), files  # csv + tex per table
+    want = ["#world-digits-digits", "#world-toy2d-toy2d", "#paper-scale-results"]
+    assert [a["href"] for a in anchors] == want
+    assert all(a["target"] for a in anchors)
+
+    shot = tmp_path / "report.png"
+    t0 = time.perf_counter()
+    run = subprocess.run([chromium, *flags, f"--screenshot={shot}", (out / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    t_shot = time.perf_counter() - t0
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    import PIL.Image
+
+    with PIL.Image.open(shot) as im:
+        assert im.size == (1200, 3000)
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 50  # a rendered page with figures, not a blank sheet
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "report.png")
+    print(f"{version.strip()}: dump-dom {t_dom:.1f} s, screenshot {t_shot:.1f} s")

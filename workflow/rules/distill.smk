@@ -1,0 +1,64 @@
+# The student: initialise from the teacher, EM-distill (resumable), draw one-step samples.
+
+
+rule init_student:
+    input:
+        teacher=experiment_teacher,
+    output:
+        pattern(paths.student_init, "experiment"),
+    params:
+        settings=experiment_settings,
+    log:
+        str(LOGS / "init_student" / "{experiment}.log"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=0,
+    shell:
+        mct("init-student --experiment {wildcards.experiment}")
+
+
+# Resume state (checkpoint, RNG, running log) lives in paths.work_dir, passed as a param and deliberately
+# not an output: Snakemake deletes the outputs of a failed job and the output folder before a job starts,
+# but never touches a path that is not an output, so a killed or preempted job keeps it and the retry
+# (`retries`, or a later run with --rerun-incomplete) resumes from the last checkpoint. Never `shadow:` this.
+rule distill:
+    input:
+        teacher=experiment_teacher,
+        student=pattern(paths.student_init, "experiment"),
+    output:
+        directory(pattern(paths.distill_dir, "experiment")),
+    params:
+        settings=experiment_settings,
+        work=lambda wc: str(paths.work_dir(wc.experiment)),
+        launch=lambda wc: distill_launcher(wc.experiment),
+    log:
+        str(LOGS / "distill" / "{experiment}.log"),
+    retries: 2
+    threads: lambda wc: max(4, P.experiment(wc.experiment).distill.num_processes)
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
+        gpu=lambda wc: experiment_gpus(wc.experiment),
+    shell:
+        "{params.launch} distill --experiment {wildcards.experiment} --work {params.work} "
+        "--params " + PARAMS_FILE + " --no-progress >> {log} 2>&1"
+
+
+rule sample:
+    input:
+        pattern(paths.distill_dir, "experiment"),
+    output:
+        pattern(paths.samples_file, "experiment"),
+    params:
+        settings=experiment_settings,
+    log:
+        str(LOGS / "sample" / "{experiment}.log"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=lambda wc: one_gpu_if_any(wc.experiment),
+    shell:
+        mct("sample --experiment {wildcards.experiment}")

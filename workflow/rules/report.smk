@@ -1,0 +1,25 @@
+# The suite's report: tables (the paper's beside ours), figures and an index, from the metrics JSONs.
+
+
+rule report:
+    input:
+        experiments=[str(paths.experiment_metrics(e)) for e in EXPERIMENTS],
+        teachers=[str(paths.teacher_metrics(t)) for t in TEACHERS],
+    output:
+        metrics=REPORT_OUTPUTS["metrics"],
+        index_md=REPORT_OUTPUTS["index_md"],
+        index_html=REPORT_OUTPUTS["index_html"],
+        tables=directory(REPORT_OUTPUTS["tables"]),
+        figures=directory(REPORT_OUTPUTS["figures"]),
+    params:
+        suite=SUITE,
+        experiments=EXPERIMENTS,
+    log:
+        str(LOGS / "report" / f"{SUITE}.log"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=0,
+    shell:
+        mct("report --suite {params.suite}")
