@@ -22,6 +22,10 @@ def _params(args: argparse.Namespace) -> Params:
     return load_params(args.params, args.overrides)
 
 
+def _teacher_path(params: Params, name: str) -> Path:
+    return paths.teacher_file(name, params.teacher(name).kind)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     params = _params(args)
     names = params.suite_experiments(args.suite)
@@ -50,7 +54,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     params = _params(args)
     tcfg = params.teacher(args.teacher)
     world = make_world(tcfg.world, params.worlds[tcfg.world])
-    out = Path(args.out or paths.teacher_file(args.teacher))
+    out = Path(args.out or _teacher_path(params, args.teacher))
     if tcfg.kind == "fetch":
         from mct.fetch import fetch_pinned
 
@@ -71,7 +75,7 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     params = _params(args)
     exp = params.experiment(args.experiment)
     world = make_world(exp.world, params.worlds[exp.world])
-    teacher = Path(args.teacher or paths.teacher_file(exp.teacher))
+    teacher = Path(args.teacher or _teacher_path(params, exp.teacher))
     out = Path(args.out or paths.student_init(args.experiment))
     info = init_student(world, exp, teacher, out)
     print(f"student {args.experiment} -> {out}: {info}")
@@ -86,7 +90,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     exp = params.experiment(args.experiment)
     world = make_world(exp.world, params.worlds[exp.world])
     summary = distill(world, exp,
-                      Path(args.teacher or paths.teacher_file(exp.teacher)),
+                      Path(args.teacher or _teacher_path(params, exp.teacher)),
                       Path(args.student or paths.student_init(args.experiment)),
                       Path(args.out or paths.distill_dir(args.experiment)),
                       Path(args.work or paths.work_dir(args.experiment)),
@@ -157,7 +161,7 @@ def cmd_teacher_eval(args: argparse.Namespace) -> int:
     params = _params(args)
     tcfg = params.teacher(args.teacher)
     world = _world(params, tcfg.world)
-    rec = evaluate_teacher(world, args.teacher, tcfg, paths.teacher_file(args.teacher),
+    rec = evaluate_teacher(world, args.teacher, tcfg, _teacher_path(params, args.teacher),
                            paths.world_data(world.name, world.kind), _feature_path(world),
                            paths.reference_stats(world.name), args.num or 10000, args.seed,
                            Path(args.out or paths.teacher_metrics(args.teacher)))
@@ -173,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     world = _world(params, exp.world)
     rec = evaluate_experiment(world, args.experiment, exp, params.teacher(exp.teacher),
                               paths.samples_file(args.experiment), paths.distill_dir(args.experiment),
-                              paths.teacher_file(exp.teacher), paths.world_data(world.name, world.kind),
+                              _teacher_path(params, exp.teacher), paths.world_data(world.name, world.kind),
                               _feature_path(world), paths.reference_stats(world.name),
                               Path(args.out or paths.experiment_metrics(args.experiment)))
     print(json.dumps(rec, indent=1))

@@ -79,6 +79,7 @@ class WorldConfig:
     held_out_fraction: float = field(default=0.2, metadata=_check(_unit_interval))
     source: str = ""
     resolution: int = field(default=64, metadata=_check(_positive))
+    num_classes: int = field(default=1000, metadata=_check(_non_negative))
     max_images: int = 0
     seed: int = 0
 

@@ -12,8 +12,9 @@ def world_data(world: str, kind: str) -> Path:
     return RUNS / "data" / (f"{world}.zip" if kind == "imagenet" else f"{world}.npz")
 
 
-def teacher_file(teacher: str) -> Path:
-    return RUNS / "teachers" / teacher / "teacher.pt"
+def teacher_file(teacher: str, kind: str = "train") -> Path:
+    """Trained teachers are mct checkpoints (.pt); fetched ones keep EDM's pickle format (.pkl)."""
+    return RUNS / "teachers" / teacher / ("teacher.pkl" if kind == "fetch" else "teacher.pt")
 
 
 def student_init(exp: str) -> Path:

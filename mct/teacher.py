@@ -28,7 +28,15 @@ def save_denoiser(path: Path, denoiser: nn.Module, spec: dict[str, Any], meta: d
 
 
 def load_denoiser(path: Path, world: World) -> tuple[EDMPrecond, dict[str, Any]]:
-    """Load a denoiser saved by :func:`save_denoiser` (weights_only) and rebuild it for ``world``."""
+    """Load a denoiser saved by :func:`save_denoiser` (weights_only) or an EDM pickle (restricted unpickler)."""
+    if Path(path).suffix == ".pkl":
+        from mct.checkpoint import load_edm_pickle
+
+        net = load_edm_pickle(path)["ema"]
+        spec = {"world_kind": world.kind, "arch": "edm", "arch_kwargs": {"source": str(path)},
+                "sigma_data": float(getattr(net, "sigma_data", 0.5)), "label_dim": world.label_dim,
+                "data_shape": list(world.data_shape)}
+        return net, spec
     ckpt = load_torch(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "mct-denoiser-v1":
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__

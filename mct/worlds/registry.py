@@ -41,7 +41,7 @@ class World:
 
     @property
     def label_dim(self) -> int:
-        return {"toy2d": 0, "digits": 10, "imagenet": 1000}[self.kind]
+        return {"toy2d": 0, "digits": 10}.get(self.kind, self.cfg.num_classes)
 
     @property
     def sigma_data(self) -> float:
@@ -97,7 +97,12 @@ class World:
             from mct.nets.conv import build_digits_denoiser
 
             return build_digits_denoiser(sigma_data=self.sigma_data, **arch_kwargs)
-        raise ValueError(f"arch {arch!r} cannot be built for world {self.name!r} (fetched teachers carry their own)")
+        if arch == "edm":
+            # EDM pickles carry their architecture: a fresh instance is the pickle loaded again (safely).
+            from mct.checkpoint import load_edm_pickle
+
+            return load_edm_pickle(arch_kwargs["source"])["ema"]
+        raise ValueError(f"arch {arch!r} cannot be built for world {self.name!r}")
 
 
 def make_world(name: str, cfg: WorldConfig) -> World:

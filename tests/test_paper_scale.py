@@ -1,0 +1,87 @@
+"""The paper-scale path on CPU at toy size: a pinned EDM pickle teacher is fetched, loaded safely, copied into a
+student and distilled through the same engine; a wrong pin is refused and leaves nothing behind."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import yaml
+
+from mct import paths
+from mct.checkpoint import sha256_file
+from mct.cli import main
+from mct.diffusion import EDMPrecond
+from mct.nets.edm import DhariwalUNet
+from tests.test_checkpoint import ADM_KW, EDMLoss, Persisted, _randomize, _src, write_edm_pickle
+
+
+def _tiny_edm_pickle(path, monkeypatch, marker_dir):
+    torch.manual_seed(0)
+    kw = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, **ADM_KW)
+    unet = _randomize(DhariwalUNet(**kw))
+    net = EDMPrecond(unet, sigma_data=0.5, label_dim=10)
+    src = _src(marker_dir / "module_src_ran")
+    ema = Persisted(net, "EDMPrecond", src, init_kwargs=dict(
+        img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, sigma_data=0.5, model_type="DhariwalUNet",
+        **ADM_KW))
+    state = dict(net.__dict__)
+    state["_modules"] = dict(model=Persisted(unet, "DhariwalUNet", src, init_kwargs=kw))
+    ema.obj = types.SimpleNamespace(**state)
+    write_edm_pickle(path, dict(ema=ema, loss_fn=Persisted(EDMLoss(), "EDMLoss", src, init_kwargs={})),
+                     monkeypatch, marker_dir / "reconstruct_called")
+    return net
+
+
+def _params(source, sha) -> dict:
+    return {
+        "suite": "tiny",
+        "worlds": {"inet": {"kind": "imagenet", "resolution": 16, "num_classes": 10, "source": "unused"}},
+        "teachers": {"edm": {"world": "inet", "kind": "fetch", "arch": "edm", "source": str(source), "sha256": sha}},
+        "templates": {},
+        "experiments": {"inet_emd": {"world": "inet", "teacher": "edm", "student": {"log_snr_init": -2.0},
+                                     "distill": {"iterations": 2, "batch_size": 2, "K": 2, "checkpoint_every": 1}}},
+        "suites": {"tiny": ["inet_emd"]},
+    }
+
+
+def test_edm_teacher_fetch_init_and_distill(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    src = tmp_path / "edm-tiny.pkl"
+    net = _tiny_edm_pickle(src, monkeypatch, tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "params.yaml").write_text(yaml.safe_dump(_params(src, sha256_file(src))))
+    assert main(["teacher", "--teacher", "edm", "--no-progress"]) == 0
+    assert sha256_file(paths.teacher_file("edm", "fetch")) == sha256_file(src)
+    assert main(["init-student", "--experiment", "inet_emd"]) == 0
+    assert main(["distill", "--experiment", "inet_emd", "--no-progress"]) == 0
+    from mct.config import load_params
+    from mct.train import load_generator
+    from mct.worlds.registry import make_world
+
+    params = load_params("params.yaml")
+    world = make_world("inet", params.worlds["inet"])
+    init = load_generator(paths.student_init("inet_emd"), world)
+    z = torch.randn(2, 3, 16, 16)
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 7]), 10).float()
+    sigma = init.sigma_init
+    torch.testing.assert_close(init(z, labels), net(sigma * z, torch.full((2,), sigma), labels))
+    assert abs(sigma - torch.exp(torch.tensor(1.0)).item()) < 1e-6  # lambda* = -2 -> sigma* = e
+    out = load_generator(paths.distill_dir("inet_emd") / "generator.pt", world, "generator")
+    assert any(not torch.equal(a, b) for a, b in zip(out.state_dict().values(), init.state_dict().values(), strict=True))
+    assert not (tmp_path / "module_src_ran").exists() and not (tmp_path / "reconstruct_called").exists()
+
+
+def test_wrong_pin_is_refused_and_nothing_is_left(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "edm-tiny.pkl"
+    _tiny_edm_pickle(src, monkeypatch, tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "params.yaml").write_text(yaml.safe_dump(_params(src, "0" * 64)))
+    assert main(["teacher", "--teacher", "edm", "--no-progress"]) == 1
+    assert "sha256" in capsys.readouterr().err.lower()
+    teacher_dir = paths.teacher_file("edm", "fetch").parent
+    assert not teacher_dir.exists() or list(teacher_dir.iterdir()) == []
