@@ -1,9 +1,11 @@
 # mct workflow: the same stages as dvc.yaml, read from params.yaml (the single source of truth).
 #
-#   snakemake --cores all                                  the default suite's report (params.yaml `suite`)
-#   snakemake --cores all --config suite=smoke             another suite
-#   snakemake --cores all --profile workflow/profiles/slurm   one Slurm job per rule instance
-#   snakemake -n                                           dry run: list the jobs, run nothing
+#   snakemake --cores all                       the default suite's report (params.yaml `suite`)
+#   snakemake --cores all --config suite=smoke  another suite
+#   snakemake --cores all --profile slurm       one Slurm job per rule instance (workflow/profiles/slurm)
+#   snakemake -n -p                             dry run: list the jobs and their commands, run nothing
+#   snakemake --configfile other.yaml           another complete params file (every `mct` call reads it)
+# Without --profile, Snakemake uses workflow/profiles/default.
 #
 # params.yaml is validated (mct.config.load_params) while this file is read, so a bad key or an unknown
 # suite stops everything with the message naming the key, before any job starts. Each rule calls one
@@ -13,6 +15,13 @@ configfile: "params.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    world=any_of(P.worlds),
+    teacher=any_of(P.teachers),
+    experiment=any_of(P.experiments),
+    ext="npz|zip",
 
 
 localrules:

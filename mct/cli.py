@@ -23,7 +23,8 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def _teacher_path(params: Params, name: str) -> Path:
-    return paths.teacher_file(name, params.teacher(name).kind)
+    params.teacher(name)  # unknown names fail here, naming the key
+    return paths.teacher_file(name)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

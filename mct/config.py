@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import yaml
 
-from mct.diffusion import LogNormalSigma, LogUniformSigma
-from mct.emd import MSTEP_WEIGHTS, SAMPLING_SPACES, LangevinConfig
+# No torch import here: Snakemake parses this module for every job.
+SAMPLING_SPACES: tuple[str, ...] = ("eps_z", "x_z", "eps", "x")
+MSTEP_WEIGHTS: tuple[str, ...] = ("sigma", "one", "sigma2")
 
 
 class ConfigError(ValueError):
@@ -61,7 +62,9 @@ class SigmaConfig:
     sigma_min: float = field(default=0.002, metadata=_check(_positive))
     sigma_max: float = field(default=80.0, metadata=_check(_positive))
 
-    def build(self) -> LogNormalSigma | LogUniformSigma:
+    def build(self):
+        from mct.diffusion import LogNormalSigma, LogUniformSigma
+
         if self.kind == "lognormal":
             return LogNormalSigma(self.p_mean, self.p_std)
         return LogUniformSigma(self.sigma_min, self.sigma_max)
@@ -152,7 +155,9 @@ class DistillConfig:
     num_processes: int = field(default=1, metadata=_check(_positive))
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
-    def langevin(self) -> LangevinConfig:
+    def langevin(self):
+        from mct.emd import LangevinConfig
+
         return LangevinConfig(K=self.K, gamma_eps=self.gamma_eps, gamma_z=self.gamma_z, space=self.space,
                               cancel_noise=self.cancel_noise, cancel_initial=self.cancel_initial,
                               z_step_ref=self.z_step_ref)

@@ -12,9 +12,9 @@ def world_data(world: str, kind: str) -> Path:
     return RUNS / "data" / (f"{world}.zip" if kind == "imagenet" else f"{world}.npz")
 
 
-def teacher_file(teacher: str, kind: str = "train") -> Path:
-    """Trained teachers are mct checkpoints (.pt); fetched ones keep EDM's pickle format (.pkl)."""
-    return RUNS / "teachers" / teacher / ("teacher.pkl" if kind == "fetch" else "teacher.pt")
+def teacher_file(teacher: str) -> Path:
+    """A trained teacher (mct checkpoint) or a fetched one (EDM pickle); loaders tell them apart by content."""
+    return RUNS / "teachers" / teacher / "teacher.pt"
 
 
 def student_init(exp: str) -> Path:
@@ -55,3 +55,15 @@ def metrics_file() -> Path:
 
 def report_index() -> Path:
     return REPORTS / "index.md"
+
+
+def report_html() -> Path:
+    return REPORTS / "index.html"
+
+
+def report_tables() -> Path:
+    return REPORTS / "tables"
+
+
+def report_figures() -> Path:
+    return REPORTS / "figures"

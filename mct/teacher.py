@@ -29,9 +29,9 @@ def save_denoiser(path: Path, denoiser: nn.Module, spec: dict[str, Any], meta: d
 
 def load_denoiser(path: Path, world: World) -> tuple[EDMPrecond, dict[str, Any]]:
     """Load a denoiser saved by :func:`save_denoiser` (weights_only) or an EDM pickle (restricted unpickler)."""
-    if Path(path).suffix == ".pkl":
-        from mct.checkpoint import load_edm_pickle
+    from mct.checkpoint import detect_format, load_edm_pickle
 
+    if detect_format(path) == "edm-pickle":
         net = load_edm_pickle(path)["ema"]
         spec = {"world_kind": world.kind, "arch": "edm", "arch_kwargs": {"source": str(path)},
                 "sigma_data": float(getattr(net, "sigma_data", 0.5)), "label_dim": world.label_dim,

@@ -110,7 +110,15 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
 
     ckpt_path = work_dir / "checkpoint.pt"
     rng_path = work_dir / f"rng.rank{acc.process_index}.pt"
+    fingerprint = run_fingerprint(exp, teacher_path, student_path)
     start = 0
+    if ckpt_path.exists() and load_torch(ckpt_path).get("fingerprint") != fingerprint:
+        # Settings or inputs changed since this state was saved: resuming would mix two runs.
+        if acc.is_main_process:
+            print(f"distill: discarding resume state in {work_dir} (settings or inputs changed)")
+            for stale in [ckpt_path, work_dir / "log.jsonl", *work_dir.glob("rng.rank*.pt")]:
+                stale.unlink(missing_ok=True)
+        acc.wait_for_everyone()
     if ckpt_path.exists():
         ck = load_torch(ckpt_path)
         gen.load_state_dict(ck["generator"])
@@ -185,7 +193,8 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                 acc.wait_for_everyone()
                 save_torch({"rng": rng.get_state()}, rng_path)
                 if acc.is_main_process:
-                    save_torch({"step": done, "generator": gen_raw.state_dict(), "score": score_raw.state_dict(),
+                    save_torch({"step": done, "fingerprint": fingerprint,
+                                "generator": gen_raw.state_dict(), "score": score_raw.state_dict(),
                                 "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_s": opt_s.state_dict()},
                                ckpt_path)
             if stop_after is not None and done >= stop_after:
@@ -216,6 +225,17 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
             tmp.write_text(log_path.read_text())
         write_json(summary, out_dir / "summary.json")
     return summary
+
+
+def run_fingerprint(exp: ExperimentConfig, teacher_path: Path, student_path: Path) -> str:
+    """sha256 of the resolved experiment settings and of the teacher and student-init files."""
+    import hashlib
+
+    from mct.checkpoint import sha256_file
+
+    blob = json.dumps({"exp": asdict(exp), "teacher": sha256_file(teacher_path),
+                       "student": sha256_file(student_path)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _denoiser_state(gen: nn.Module) -> dict[str, Tensor]:

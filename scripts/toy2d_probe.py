@@ -26,7 +26,8 @@ for key in ("ema", "generator"):
     gen = load_generator(root / "out/generator.pt", world, key)
     x, _ = generate(gen, (2,), 20000, 1, 0)
     st = mode_statistics(x, m.means, m.weights, m.std)
-    print(tag, key, {k: round(float(v), 3) for k, v in st.items()}, f"{time.time()-t:.0f}s", s["sec_per_iter"], flush=True)
+    stats = {k: round(float(v), 3) for k, v in st.items()}
+    print(tag, key, stats, f"{time.time() - t:.0f}s", s["sec_per_iter"], flush=True)
 gen0 = load_generator(root / "student.pt", world)
 x, _ = generate(gen0, (2,), 20000, 1, 0)
 print(tag, "init", {k: round(float(v), 3) for k, v in mode_statistics(x, m.means, m.weights, m.std).items()})

@@ -37,6 +37,7 @@ def estep_target_moments(mu: Tensor, cov: Tensor, A: Tensor, b: Tensor, sigma: f
     M = C @ A.T / sigma**2
     mean_xz = torch.cat([mu, M @ (mu - b)])
     cov_xz = torch.cat([torch.cat([P, P @ M.T], 1), torch.cat([M @ P, M @ P @ M.T + C], 1)], 0)
-    L = torch.cat([torch.cat([eye / sigma, -A / sigma], 1), torch.cat([torch.zeros(d, d, dtype=torch.float64), eye], 1)], 0)
+    zero = torch.zeros(d, d, dtype=torch.float64)
+    L = torch.cat([torch.cat([eye / sigma, -A / sigma], 1), torch.cat([zero, eye], 1)], 0)
     shift = torch.cat([-b / sigma, torch.zeros(d, dtype=torch.float64)])
     return L @ mean_xz + shift, L @ cov_xz @ L.T

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mct import paths
 from mct.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +27,7 @@ WORKFLOW_FILES = ("Snakefile", "dvc.yaml", "params.yaml", ".dvcignore")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
        "DVC_NO_ANALYTICS": "1"}
 ENV.pop("SNAKEMAKE_PROFILE", None)
+ARTIFACT_ROOTS = (paths.RUNS.name, paths.REPORTS.name)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,20 @@ def scratch_copy(dst: Path) -> Path:
     shutil.copy2(REPO / ".dvc" / "config", dst / ".dvc" / "config")
     (dst / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")  # the copy is no git repo
     return dst
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_slurm_probe(tmp_path_factory):
+    """The Slurm executor plugin runs `scontrol show config` when Snakemake loads it, which waits up to 10 s for
+    a controller when none runs. These dry runs never use Slurm: a stub that fails at once stands in for it."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    stub = bin_dir / "scontrol"
+    stub.write_text("#!/bin/sh\nexit 1\n")
+    stub.chmod(0o755)
+    path = ENV["PATH"]
+    ENV["PATH"] = f"{bin_dir}{os.pathsep}{path}"
+    yield
+    ENV["PATH"] = path
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +121,20 @@ def dvc_stages(root: Path) -> dict[tuple[str, str | None], Stage]:
         for dep in (d.def_path for d in st.deps):
             if dep in outs_of:
                 inputs.add(dep)
-            elif under := {o for o in outs_of if o.startswith(dep.rstrip("/") + "/")}:
-                inputs |= under  # a folder dependency (report): every output inside it
-            else:
+            else:  # code or params
+                assert Path(dep).parts[0] not in ARTIFACT_ROOTS, f"{st.name}: no stage makes its dependency {dep}"
                 assert (root / dep).exists() or (REPO / dep).exists(), f"{st.name}: no such dependency {dep}"
         kind = name.removesuffix("_fnet")
         assert (kind, key or None) not in result, f"stage {kind} {key} defined twice"
         result[(kind, key or None)] = Stage(frozenset(o.def_path for o in st.outs), frozenset(inputs), st.cmd)
     return result
+
+
+def load_dvc_vars():
+    spec = importlib.util.spec_from_file_location("dvc_vars", REPO / "workflow" / "dvc_vars.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_snakemake_and_dvc_have_the_same_dag(repo_copy):
@@ -136,13 +159,14 @@ def test_snakemake_and_dvc_have_the_same_dag(repo_copy):
     assert smk[("report", None)].command.startswith(f"mct report --suite {p.suite} ")
 
 
-def test_dvc_vars_are_up_to_date():
-    spec = importlib.util.spec_from_file_location("dvc_vars", REPO / "workflow" / "dvc_vars.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    expected = mod.render(mod.dvc_tables(load_params(REPO / "params.yaml")))
-    assert (REPO / "workflow" / "dvc_vars.yaml").read_text() == expected, \
-        "workflow/dvc_vars.yaml is stale: run `python workflow/dvc_vars.py --write`"
+def test_generated_dvc_parts_are_up_to_date():
+    """workflow/dvc_vars.yaml and dvc.yaml's report stage are what workflow/dvc_vars.py makes of params.yaml."""
+    mod = load_dvc_vars()
+    params = load_params(REPO / "params.yaml")
+    hint = "stale: run `python workflow/dvc_vars.py --write`"
+    assert (REPO / "workflow" / "dvc_vars.yaml").read_text() == mod.render(mod.dvc_tables(params)), hint
+    dvc_yaml = (REPO / "dvc.yaml").read_text()
+    assert mod.with_report_stage(dvc_yaml, mod.report_stage(params)) == dvc_yaml, hint
 
 
 def test_unknown_suite_stops_before_any_job(repo_copy):
@@ -153,7 +177,7 @@ def test_unknown_suite_stops_before_any_job(repo_copy):
     assert "Job stats" not in out and not (repo_copy / "runs").exists()
 
 
-def test_bad_key_stops_snakemake_and_mct_validate(repo_copy, tmp_path):
+def test_bad_key_stops_snakemake_and_mct_validate(repo_copy, tmp_path, monkeypatch, capsys):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     teacher = sorted(raw["teachers"])[0]
     raw["teachers"][teacher]["learning_rate_typo"] = 0.1
@@ -166,9 +190,11 @@ def test_bad_key_stops_snakemake_and_mct_validate(repo_copy, tmp_path):
     assert r.returncode != 0 and f"{key}: unknown key" in out, out
     assert "Job stats" not in out
 
-    r = subprocess.run([sys.executable, "-m", "mct.cli", "validate", "--params", str(bad)], env=ENV,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and f"{key}: unknown key" in r.stderr, r.stdout + r.stderr
+    # `python -m mct.cli validate` (how accelerate launches distill), run in this process
+    with pytest.raises(SystemExit) as stop, monkeypatch.context() as m:
+        m.setattr(sys, "argv", ["mct", "validate", "--params", str(bad)])
+        runpy.run_module("mct.cli", run_name="__main__", alter_sys=True)
+    assert stop.value.code == 2 and f"{key}: unknown key" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -184,12 +210,16 @@ def smoke_copy(tmp_path_factory) -> tuple[Path, str, str, str]:
 
 def test_gpu_experiments_launch_through_accelerate(smoke_copy):
     """distill.gpus > 0 or num_processes > 1: `accelerate launch -m mct.cli`, and Slurm is asked for the GPUs."""
-    _, text, gpu_exp, cpu_exp = smoke_copy
+    root, text, gpu_exp, cpu_exp = smoke_copy
     jobs = parse_dry_run(text)
     assert jobs[("distill", gpu_exp)].command == (
         f"accelerate launch --num_processes 2 -m mct.cli distill --experiment {gpu_exp} --work runs/work/{gpu_exp} "
         "--params params.yaml --no-progress")
     assert jobs[("distill", cpu_exp)].command.startswith(f"mct distill --experiment {cpu_exp} ")
+    dvc_vars = load_dvc_vars()  # dvc.yaml's distill command starts with the launcher of workflow/dvc_vars.py
+    params = load_params(root / "params.yaml")
+    for exp in (gpu_exp, cpu_exp):
+        assert jobs[("distill", exp)].command.startswith(f"{dvc_vars.distill_launcher(params, exp)} distill ")
     gpus = dict(re.findall(r"rule (\w+):\n(?:    .*\n)*?    wildcards: experiment=" + re.escape(gpu_exp)
                            + r"\n    resources: .*?gpu=(\d+)", text))
     assert gpus == {"init_student": "0", "distill": "2", "sample": "1", "evaluate": "1"}

@@ -54,7 +54,7 @@ def test_edm_teacher_fetch_init_and_distill(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     (work / "params.yaml").write_text(yaml.safe_dump(_params(src, sha256_file(src))))
     assert main(["teacher", "--teacher", "edm", "--no-progress"]) == 0
-    assert sha256_file(paths.teacher_file("edm", "fetch")) == sha256_file(src)
+    assert sha256_file(paths.teacher_file("edm")) == sha256_file(src)
     assert main(["init-student", "--experiment", "inet_emd"]) == 0
     assert main(["distill", "--experiment", "inet_emd", "--no-progress"]) == 0
     from mct.config import load_params
@@ -70,7 +70,8 @@ def test_edm_teacher_fetch_init_and_distill(tmp_path, monkeypatch):
     torch.testing.assert_close(init(z, labels), net(sigma * z, torch.full((2,), sigma), labels))
     assert abs(sigma - torch.exp(torch.tensor(1.0)).item()) < 1e-6  # lambda* = -2 -> sigma* = e
     out = load_generator(paths.distill_dir("inet_emd") / "generator.pt", world, "generator")
-    assert any(not torch.equal(a, b) for a, b in zip(out.state_dict().values(), init.state_dict().values(), strict=True))
+    pairs = zip(out.state_dict().values(), init.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
     assert not (tmp_path / "module_src_ran").exists() and not (tmp_path / "reconstruct_called").exists()
 
 
@@ -83,5 +84,5 @@ def test_wrong_pin_is_refused_and_nothing_is_left(tmp_path, monkeypatch, capsys)
     (work / "params.yaml").write_text(yaml.safe_dump(_params(src, "0" * 64)))
     assert main(["teacher", "--teacher", "edm", "--no-progress"]) == 1
     assert "sha256" in capsys.readouterr().err.lower()
-    teacher_dir = paths.teacher_file("edm", "fetch").parent
+    teacher_dir = paths.teacher_file("edm").parent
     assert not teacher_dir.exists() or list(teacher_dir.iterdir()) == []

@@ -7,8 +7,6 @@ is in the assertion messages; see README "Results" for the full-length runs.
 
 from __future__ import annotations
 
-import torch
-
 from mct.config import parse_params, set_dotted
 from mct.metrics.modes import mode_statistics
 from mct.train import distill, generate, init_student, load_generator

@@ -89,3 +89,17 @@ def test_divergence_stops_with_clear_error_and_keeps_checkpoint(tiny_raw, toy_te
         distill(world, exp, toy_teacher, tmp_path / "student.pt", tmp_path / "out", tmp_path / "work",
                 progress=False)
     assert not (tmp_path / "out" / "generator.pt").exists()
+
+
+def test_changed_settings_discard_stale_resume_state(tiny_raw, toy_teacher, tmp_path):
+    """A finished run's state must not be reused when the experiment's settings change (both engines rerun
+    distill with the same work dir): the rerun equals a fresh run."""
+    world, exp = _setup(tiny_raw, "tiny_emd", toy_teacher, tmp_path)
+    student = tmp_path / "student.pt"
+    distill(world, exp, toy_teacher, student, tmp_path / "out", tmp_path / "work", progress=False)
+    set_dotted(tiny_raw, "experiments.tiny_emd.distill.lr_g", 1e-3)
+    exp2 = parse_params(tiny_raw).experiment("tiny_emd")
+    distill(world, exp2, toy_teacher, student, tmp_path / "out", tmp_path / "work", progress=False)
+    distill(world, exp2, toy_teacher, student, tmp_path / "fresh", tmp_path / "work_fresh", progress=False)
+    a, b = load_torch(tmp_path / "out" / "generator.pt"), load_torch(tmp_path / "fresh" / "generator.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

@@ -1,4 +1,4 @@
-# Shared by every rule file: the validated params, artifact paths as wildcard patterns, input functions.
+# Helpers shared by the rule files. The validated params, artifact paths as wildcard patterns, input functions.
 #
 # Paths come from mct/paths.py (called with "{wildcard}" placeholders), so the CLI, Snakemake and the
 # DAG test agree by construction; dvc.yaml spells the same paths out and tests/test_dag.py compares them.
@@ -22,7 +22,6 @@ def _validated_params() -> Params:
     overrides = [f"suite={json.dumps(suite)}"] if suite is not None else []
     try:
         params = load_params(PARAMS_FILE, overrides)
-        params.suite_experiments()
         on_disk = load_configfile(PARAMS_FILE)  # parsed as Snakemake parsed it into `config`
         changed = sorted(k for k in set(config) | set(on_disk) if k != "suite" and config.get(k) != on_disk.get(k))
         if changed:
@@ -40,16 +39,9 @@ TEACHERS = P.suite_teachers()
 LOGS = paths.RUNS / "logs"
 
 
-def _names(names) -> str:
-    """Regex matching exactly the given names (so the wildcards never match a path of another rule)."""
+def any_of(names) -> str:
+    """Regex matching exactly the given names (so a wildcard never matches a path of another rule)."""
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
-
-
-wildcard_constraints:
-    world=_names(P.worlds),
-    teacher=_names(P.teachers),
-    experiment=_names(P.experiments),
-    ext="npz|zip",
 
 
 def pattern(path_fn, *wildcards: str) -> str:
@@ -71,9 +63,9 @@ REPORT_OUTPUTS = {
 }
 
 
-def mct(command: str) -> str:
-    """Shell line of one `mct` stage, reading PARAMS_FILE; stdout and stderr go to the rule's log."""
-    return f"mct {command} --params {PARAMS_FILE} --no-progress > {{log}} 2>&1"
+def mct(command: str, launch: str = "mct", redirect: str = ">") -> str:
+    """Shell line of one `mct` stage reading PARAMS_FILE; stdout and stderr go to the rule's log."""
+    return f"{launch} {command} --params {PARAMS_FILE} --no-progress {redirect} {{log}} 2>&1"
 
 
 # --- per-name facts --------------------------------------------------------------------------------------
@@ -95,7 +87,8 @@ def settings(*parts) -> str:
 
 
 def distill_launcher(experiment: str) -> str:
-    """accelerate for GPU or multi-process runs; the plain console script for one CPU process."""
+    """accelerate for GPU or multi-process runs; the plain console script for one CPU process.
+    (workflow/dvc_vars.py applies the same rule for dvc.yaml; tests/test_dag.py checks both.)"""
     d = P.experiment(experiment).distill
     if d.gpus > 0 or d.num_processes > 1:
         return f"accelerate launch --num_processes {d.num_processes} -m mct.cli"
@@ -156,3 +149,9 @@ def experiment_settings(wc) -> str:
 def evaluate_settings(wc) -> str:
     exp = P.experiment(wc.experiment)
     return settings(exp, P.worlds[exp.world], P.teacher(exp.teacher))
+
+
+def report_settings() -> str:
+    """The report labels and groups experiments by their settings (ablations, reference rows)."""
+    return settings(*(P.experiment(e) for e in EXPERIMENTS), *(P.teacher(t) for t in TEACHERS),
+                    *(P.worlds[w] for w in P.suite_worlds()))

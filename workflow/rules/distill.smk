@@ -20,9 +20,10 @@ rule init_student:
 
 
 # Resume state (checkpoint, RNG, running log) lives in paths.work_dir, passed as a param and deliberately
-# not an output: Snakemake deletes the outputs of a failed job and the output folder before a job starts,
-# but never touches a path that is not an output, so a killed or preempted job keeps it and the retry
-# (`retries`, or a later run with --rerun-incomplete) resumes from the last checkpoint. Never `shadow:` this.
+# not an output: Snakemake deletes a failed job's outputs and clears the output folder before a job starts,
+# but never touches a path that is not an output (nor would `shadow:`, which must not be used here, keep it).
+# So a killed or preempted job keeps its state, and the next attempt resumes from the last checkpoint: a
+# retry (`retries: 1`, or the profile's), Slurm's requeue, or a later run with --rerun-incomplete.
 rule distill:
     input:
         teacher=experiment_teacher,
@@ -35,15 +36,14 @@ rule distill:
         launch=lambda wc: distill_launcher(wc.experiment),
     log:
         str(LOGS / "distill" / "{experiment}.log"),
-    retries: 2
+    retries: 1
     threads: lambda wc: max(4, P.experiment(wc.experiment).distill.num_processes)
     resources:
         mem_mb=16000,
         runtime=24 * 60,
         gpu=lambda wc: experiment_gpus(wc.experiment),
-    shell:
-        "{params.launch} distill --experiment {wildcards.experiment} --work {params.work} "
-        "--params " + PARAMS_FILE + " --no-progress >> {log} 2>&1"
+    shell:  # the log is appended to, so it keeps every attempt
+        mct("distill --experiment {wildcards.experiment} --work {params.work}", "{params.launch}", ">>")
 
 
 rule sample:

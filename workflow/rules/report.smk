@@ -1,9 +1,12 @@
-# The suite's report: tables (the paper's beside ours), figures and an index, from the metrics JSONs.
+# The suite's report: tables (the paper's beside ours), figures and an index, from the evaluator records,
+# the samples and the training logs of every experiment in the suite.
 
 
 rule report:
     input:
         experiments=[str(paths.experiment_metrics(e)) for e in EXPERIMENTS],
+        samples=[str(paths.samples_file(e)) for e in EXPERIMENTS],
+        distill=[str(paths.distill_dir(e)) for e in EXPERIMENTS],
         teachers=[str(paths.teacher_metrics(t)) for t in TEACHERS],
     output:
         metrics=REPORT_OUTPUTS["metrics"],
@@ -13,7 +16,7 @@ rule report:
         figures=directory(REPORT_OUTPUTS["figures"]),
     params:
         suite=SUITE,
-        experiments=EXPERIMENTS,
+        settings=report_settings(),
     log:
         str(LOGS / "report" / f"{SUITE}.log"),
     threads: 1
