@@ -101,7 +101,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    """One process, or sharded over `accelerate launch` processes (each draws its own seeded batches)."""
+    import os
+
     import numpy as np
+    import torch
 
     from mct.io import atomic_path
     from mct.train import generate, load_generator
@@ -112,8 +116,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
     world = make_world(exp.world, params.worlds[exp.world])
     gen = load_generator(Path(args.generator or paths.distill_dir(args.experiment) / "generator.pt"), world, "ema")
     n = args.num or exp.eval.num_samples
-    x, y = generate(gen, world.data_shape, n, exp.eval.seed if args.seed is None else args.seed, world.label_dim,
-                    exp.eval.batch_size)
+    seed = exp.eval.seed if args.seed is None else args.seed
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+        from accelerate.utils import gather_object
+
+        acc = Accelerator()
+        x, y = generate(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, acc.device,
+                        shard=(acc.process_index, acc.num_processes))
+        parts = gather_object([(acc.process_index, x, y)])
+        if not acc.is_main_process:
+            return 0
+        # Put the batches back in their single-process order: rank r drew batches r, r + W, ...
+        bs, w = exp.eval.batch_size, acc.num_processes
+        by_rank = {r: (xr, yr) for r, xr, yr in parts}
+        xs, ys = [], []
+        for j in range((n + bs - 1) // bs):
+            xr, yr = by_rank[j % w]
+            k = j // w
+            xs.append(xr[k * bs:(k + 1) * bs])
+            if yr is not None:
+                ys.append(yr[k * bs:(k + 1) * bs])
+        x, y = torch.cat(xs), (torch.cat(ys) if ys else None)
+    else:
+        x, y = generate(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device)
     out = Path(args.out or paths.samples_file(args.experiment))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:

@@ -154,6 +154,8 @@ class DistillConfig:
     gpus: int = field(default=0, metadata=_check(_non_negative))
     num_processes: int = field(default=1, metadata=_check(_positive))
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_accum: int = field(default=1, metadata=_check(_positive))
+    grad_checkpoint: bool = False
 
     def langevin(self):
         from mct.emd import LangevinConfig
@@ -360,6 +362,8 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
                               f"{teachers[cfg.teacher].world!r}, not {cfg.world!r}")
         if cfg.student.sigma_init is not None and cfg.student.log_snr_init is not None:
             raise ConfigError(f"{key}.student: give sigma_init or log_snr_init, not both")
+        if cfg.distill.batch_size % cfg.distill.grad_accum:
+            raise ConfigError(f"{key}.distill.grad_accum: must divide batch_size ({cfg.distill.batch_size})")
         if cfg.distill.estep_teacher == "analytic" and worlds[cfg.world].kind != "toy2d":
             raise ConfigError(f"{key}.distill.estep_teacher: 'analytic' exists only for toy2d worlds")
         experiments[name] = cfg

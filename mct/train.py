@@ -98,9 +98,14 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     estep_teacher = world.analytic_denoiser().to(device) if d.estep_teacher == "analytic" else teacher
     st = load_torch(student_path)
     spec = st["spec"]
-    gen = Generator(world.build_network(spec["arch"], spec["arch_kwargs"]), st["sigma_init"])
+    arch_kwargs = dict(spec["arch_kwargs"])
+    if d.grad_checkpoint:
+        if spec["arch"] != "edm":
+            raise ValueError(f"distill.grad_checkpoint: supported for EDM networks, not {spec['arch']!r}")
+        arch_kwargs["use_checkpoint"] = True  # recompute block activations in backward: memory for compute
+    gen = Generator(world.build_network(spec["arch"], arch_kwargs), st["sigma_init"])
     gen.denoiser.load_state_dict(st["generator"])
-    score = world.build_network(spec["arch"], spec["arch_kwargs"])
+    score = world.build_network(spec["arch"], arch_kwargs)
     score.load_state_dict(st["score"])
     gen, score = gen.to(device), score.to(device)
     ema = copy.deepcopy(gen).requires_grad_(False)
@@ -142,7 +147,8 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     langevin = d.langevin()
     dsm_sigma, m_sigma = d.dsm_sigma.build(), d.mstep_sigma.build()
     shape = world.data_shape
-    b = d.batch_size
+    accum = d.grad_accum
+    micro = d.batch_size // accum  # gradient accumulation: `accum` micro-batches make one optimiser step
     bar = tqdm(range(start, d.iterations), initial=start, total=d.iterations, desc=f"distill {exp.method_name} K={d.K}",
                disable=not (progress and acc.is_main_process), mininterval=1.0)
     t_run = time.perf_counter()
@@ -150,27 +156,38 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         for it in bar:
             t0 = time.perf_counter()
             for _ in range(d.score_steps):
-                z = torch.randn((b, *shape), generator=rng, device=device)
-                labels = one_hot_labels(b, world.label_dim, rng, device)
-                sigma = dsm_sigma.sample(b, rng, device)
-                noise = torch.randn((b, *shape), generator=rng, device=device)
-                loss_s = score_dsm_loss(score_p, gen_raw, z, sigma, labels, noise, world.sigma_data)
                 opt_s.zero_grad(set_to_none=True)
-                acc.backward(loss_s)
+                loss_s = torch.zeros((), device=device)
+                for _ in range(accum):
+                    z = torch.randn((micro, *shape), generator=rng, device=device)
+                    labels = one_hot_labels(micro, world.label_dim, rng, device)
+                    sigma = dsm_sigma.sample(micro, rng, device)
+                    noise = torch.randn((micro, *shape), generator=rng, device=device)
+                    with acc.autocast():
+                        part = score_dsm_loss(score_p, gen_raw, z, sigma, labels, noise, world.sigma_data) / accum
+                    acc.backward(part)
+                    loss_s += part.detach()
                 gn_s = _grad_norm(acc, score_p.parameters(), d.grad_clip)
                 opt_s.step()
             _sync(device)
             t1 = time.perf_counter()
-            z0 = torch.randn((b, *shape), generator=rng, device=device)
-            eps0 = torch.randn((b, *shape), generator=rng, device=device)
-            labels = one_hot_labels(b, world.label_dim, rng, device)
-            sigma = m_sigma.sample(b, rng, device)
-            res = langevin_estep(gen_raw, estep_teacher, score_raw, z0, eps0, sigma, labels, langevin, rng)
-            _sync(device)
-            t2 = time.perf_counter()
-            loss_g = mstep_loss(gen_p, res.z, res.eps_tilde, sigma, labels, d.mstep_weight)
             opt_g.zero_grad(set_to_none=True)
-            acc.backward(loss_g)
+            loss_g = torch.zeros((), device=device)
+            t_estep = 0.0
+            for _ in range(accum):
+                te = time.perf_counter()
+                z0 = torch.randn((micro, *shape), generator=rng, device=device)
+                eps0 = torch.randn((micro, *shape), generator=rng, device=device)
+                labels = one_hot_labels(micro, world.label_dim, rng, device)
+                sigma = m_sigma.sample(micro, rng, device)
+                with acc.autocast():  # bf16/fp16 network passes when asked; the chain state stays fp32
+                    res = langevin_estep(gen_raw, estep_teacher, score_raw, z0, eps0, sigma, labels, langevin, rng)
+                _sync(device)
+                t_estep += time.perf_counter() - te
+                with acc.autocast():
+                    part = mstep_loss(gen_p, res.z, res.eps_tilde, sigma, labels, d.mstep_weight) / accum
+                acc.backward(part)
+                loss_g += part.detach()
             gn_g = _grad_norm(acc, gen_p.parameters(), d.grad_clip)
             if not (math.isfinite(loss_g.item()) and math.isfinite(loss_s.item()) and math.isfinite(gn_g)):
                 raise DivergenceError(
@@ -180,6 +197,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
             ema_update(ema, gen_raw, d.ema_decay)
             _sync(device)
             t3 = time.perf_counter()
+            t2 = t1 + t_estep  # the M-step's share is the rest of the generator phase
             rec = {"iteration": it, "loss_score": loss_s.item(), "loss_gen": loss_g.item(),
                    "grad_norm_gen": gn_g, "grad_norm_score": gn_s,
                    "eps_tilde_norm": float(res.eps_tilde.flatten(1).norm(dim=1).mean()),
@@ -249,16 +267,22 @@ def _mean_tail(values: list[float], n: int = 50) -> float:
 
 @torch.no_grad()
 def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_dim: int, batch_size: int = 1000,
-             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
-    """n one-step samples; z and labels drawn from one seeded generator, so the same seed gives the same set."""
-    rng = torch.Generator(device=device).manual_seed(seed)
+             device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor | None]:
+    """n one-step samples. Batch j draws its z and labels from a generator seeded with (seed, j), so the set is the
+    same whatever the number of processes: ``shard=(rank, world)`` makes the batches j = rank mod world."""
+    rank, world_size = shard
     gen = gen.to(device).eval()
     xs, ys = [], []
-    for start in range(0, n, batch_size):
+    for j, start in enumerate(range(0, n, batch_size)):
+        if j % world_size != rank:
+            continue
+        rng = torch.Generator(device=device).manual_seed(seed * 1_000_003 + j)
         m = min(batch_size, n - start)
         z = torch.randn((m, *shape), generator=rng, device=device)
         labels = one_hot_labels(m, label_dim, rng, device)
         xs.append(gen(z, labels).cpu())
         if labels is not None:
             ys.append(labels.argmax(1).cpu())
+    if not xs:
+        return torch.empty((0, *shape)), (torch.empty(0, dtype=torch.long) if label_dim else None)
     return torch.cat(xs), (torch.cat(ys) if ys else None)

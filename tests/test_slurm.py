@@ -119,3 +119,38 @@ def test_snakemake_profile_runs_rules_as_slurm_jobs(cluster: None, tmp_path: Pat
     rows = {r[0]: r[1:] for r in _squeue("--jobs", ",".join(ids.values()), "--format=%i|%T|%k|%l|%m|%C")}
     assert rows[ids["greet"]] == ["COMPLETED", "rule_greet", "5:00", "100M", "2"]
     assert rows[ids["shout"]] == ["COMPLETED", "rule_shout", "1:00:00", "2000M", "1"]
+
+
+def _copy_repo(dest: Path) -> Path:
+    """The tracked files of this checkout (what a user clones), without any run outputs."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = REPO / rel
+        if src.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).symlink_to(src.readlink())
+        elif src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def test_smoke_suite_runs_on_slurm_with_the_repo_profile(cluster, tmp_path):
+    """`snakemake --cores all --profile slurm --config suite=smoke`, typed at the repo root, finds the profile
+    through the root `slurm` link, runs every stage as a Slurm job and produces the smoke suite's report."""
+    repo = _copy_repo(tmp_path / "repo")
+    snakemake = shutil.which("snakemake") or f"{sys.executable} -m snakemake"
+    proc = subprocess.run(f"{snakemake} --cores all --profile slurm --config suite=smoke", shell=True, cwd=repo,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    import json
+
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    for name in ("smoke_toy2d_di", "smoke_toy2d_emd"):
+        assert metrics[name]["status"] == "ok", metrics[name]
+        assert metrics[name]["modes_total"] == 25
+    assert (repo / "reports" / "index.html").exists()
+    logs = repo / ".snakemake" / "slurm_logs"
+    ran = {p.name for p in logs.iterdir()} if logs.exists() else set()
+    for rule in ("rule_prepare", "rule_teacher", "rule_distill", "rule_evaluate", "rule_report"):
+        assert rule in ran, sorted(ran)

@@ -101,7 +101,8 @@ class World:
             # EDM pickles carry their architecture: a fresh instance is the pickle loaded again (safely).
             from mct.checkpoint import load_edm_pickle
 
-            return load_edm_pickle(arch_kwargs["source"])["ema"]
+            use_checkpoint = bool(arch_kwargs.get("use_checkpoint", False))
+            return load_edm_pickle(arch_kwargs["source"], use_checkpoint=use_checkpoint)["ema"]
         raise ValueError(f"arch {arch!r} cannot be built for world {self.name!r}")
 
 

@@ -37,7 +37,7 @@ rule distill:
     log:
         str(LOGS / "distill" / "{experiment}.log"),
     retries: 1
-    threads: lambda wc: max(4, P.experiment(wc.experiment).distill.num_processes)
+    threads: lambda wc: max(2, P.experiment(wc.experiment).distill.num_processes)
     resources:
         mem_mb=16000,
         runtime=24 * 60,

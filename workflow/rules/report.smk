@@ -13,7 +13,9 @@ rule report:
         index_md=REPORT_OUTPUTS["index_md"],
         index_html=REPORT_OUTPUTS["index_html"],
         tables=directory(REPORT_OUTPUTS["tables"]),
-        figures=directory(REPORT_OUTPUTS["figures"]),
+        # `snakemake --report report.html` embeds every PNG of the figures folder, with the same names.
+        figures=report(directory(REPORT_OUTPUTS["figures"]), patterns=["{name}.png"],
+                       caption="../report/figures.rst", category="Figures"),
     params:
         suite=SUITE,
         settings=report_settings(),

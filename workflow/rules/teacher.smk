@@ -10,7 +10,7 @@ rule teacher:
         settings=teacher_settings,
     log:
         str(LOGS / "teacher" / "{teacher}.log"),
-    threads: 4
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=240,
