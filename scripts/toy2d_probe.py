@@ -1,5 +1,6 @@
 """Quick probe: distill one toy2d experiment with overrides and print the exact mode statistics."""
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,14 +13,15 @@ from mct.train import distill, generate, init_student, load_generator
 from mct.worlds.registry import make_world
 
 torch.set_num_threads(1)
+TEACHER = Path(os.environ.get("TEACHER", "runs/teachers/toy2d_mlp/teacher.pt"))
 name, tag, *ov = sys.argv[1:]
 params = load_params("params.yaml", ov)
 exp = params.experiment(name)
 world = make_world(exp.world, params.worlds[exp.world])
 root = Path(f"/tmp/probe/{tag}")
-init_student(world, exp, Path("runs/teachers/toy2d_mlp/teacher.pt"), root / "student.pt")
+init_student(world, exp, TEACHER, root / "student.pt")
 t = time.time()
-s = distill(world, exp, Path("runs/teachers/toy2d_mlp/teacher.pt"), root / "student.pt", root / "out", root / "work",
+s = distill(world, exp, TEACHER, root / "student.pt", root / "out", root / "work",
             progress=False)
 m = world.mixture
 for key in ("ema", "generator"):
