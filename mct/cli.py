@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mct import paths
+from mct.checkpoint import CheckpointError as CheckpointRefused
 from mct.config import ConfigError, Params, load_params
 
 
@@ -228,86 +229,40 @@ def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+# (name, help, handler, extra options); every stage also takes the common options of _common().
+_NAME = {"required": True}
+_INT = {"type": int, "default": None}
+STAGES: list[tuple[str, str, object, dict[str, dict]]] = [
+    ("validate", "check params.yaml and list a suite's experiments", cmd_validate, {"--suite": {}}),
+    ("prepare", "prepare a world's data", cmd_prepare, {"--world": _NAME, "--out": {}}),
+    ("teacher", "train (or fetch) a teacher", cmd_teacher, {"--teacher": _NAME, "--data": {}, "--out": {}}),
+    ("features", "train the FID feature network of an image world (digits)", cmd_features,
+     {"--world": _NAME, "--out": {}}),
+    ("ref-stats", "reference FID statistics of a world's held-out split", cmd_ref_stats,
+     {"--world": _NAME, "--out": {}}),
+    ("teacher-eval", "metrics of the teacher's multistep sampler", cmd_teacher_eval,
+     {"--teacher": _NAME, "--num": _INT, "--seed": {"type": int, "default": 4321}, "--out": {}}),
+    ("init-student", "initialise the one-step generator and score network", cmd_init_student,
+     {"--experiment": _NAME, "--teacher": {}, "--out": {}}),
+    ("distill", "EM distillation (resumes from its last checkpoint)", cmd_distill,
+     {"--experiment": _NAME, "--teacher": {}, "--student": {}, "--out": {}, "--work": {},
+      "--stop-after": {"type": int, "default": None, "help": argparse.SUPPRESS}}),
+    ("sample", "draw one-step samples from a distilled generator", cmd_sample,
+     {"--experiment": _NAME, "--generator": {}, "--out": {}, "--num": _INT, "--seed": _INT}),
+    ("evaluate", "metrics of a distilled experiment", cmd_evaluate, {"--experiment": _NAME, "--out": {}}),
+    ("report", "tables and figures of a suite into reports/", cmd_report, {"--suite": {}, "--out": {}}),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mct", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("validate", help="check params.yaml and list a suite's experiments")
-    _common(p)
-    p.add_argument("--suite", default=None)
-    p.set_defaults(fn=cmd_validate)
-
-    p = sub.add_parser("prepare", help="prepare a world's data")
-    _common(p)
-    p.add_argument("--world", required=True)
-    p.add_argument("--out")
-    p.set_defaults(fn=cmd_prepare)
-
-    p = sub.add_parser("teacher", help="train (or fetch) a teacher")
-    _common(p)
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--data")
-    p.add_argument("--out")
-    p.set_defaults(fn=cmd_teacher)
-
-    p = sub.add_parser("init-student", help="initialise the one-step generator and score network")
-    _common(p)
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--teacher")
-    p.add_argument("--out")
-    p.set_defaults(fn=cmd_init_student)
-
-    p = sub.add_parser("distill", help="EM distillation (resumes from its last checkpoint)")
-    _common(p)
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--teacher")
-    p.add_argument("--student")
-    p.add_argument("--out")
-    p.add_argument("--work")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(fn=cmd_distill)
-
-    p = sub.add_parser("sample", help="draw one-step samples from a distilled generator")
-    _common(p)
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--generator")
-    p.add_argument("--out")
-    p.add_argument("--num", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(fn=cmd_sample)
-
-    p = sub.add_parser("features", help="train the FID feature network of an image world (digits)")
-    _common(p)
-    p.add_argument("--world", required=True)
-    p.add_argument("--out")
-    p.set_defaults(fn=cmd_features)
-
-    p = sub.add_parser("ref-stats", help="reference FID statistics of a world's held-out split")
-    _common(p)
-    p.add_argument("--world", required=True)
-    p.add_argument("--out")
-    p.set_defaults(fn=cmd_ref_stats)
-
-    p = sub.add_parser("teacher-eval", help="metrics of the teacher's multistep sampler")
-    _common(p)
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--num", type=int, default=None)
-    p.add_argument("--seed", type=int, default=4321)
-    p.add_argument("--out")
-    p.set_defaults(fn=cmd_teacher_eval)
-
-    p = sub.add_parser("evaluate", help="metrics of a distilled experiment")
-    _common(p)
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--out")
-    p.set_defaults(fn=cmd_evaluate)
-
-    p = sub.add_parser("report", help="tables and figures of a suite into reports/")
-    _common(p)
-    p.add_argument("--suite", default=None)
-    p.add_argument("--out")
-    p.set_defaults(fn=cmd_report)
-
+    for name, help_text, fn, options in STAGES:
+        p = sub.add_parser(name, help=help_text)
+        _common(p)
+        for flag, kwargs in options.items():
+            p.add_argument(flag, **kwargs)
+        p.set_defaults(fn=fn)
     p = sub.add_parser("inspect-checkpoint", help="show what a checkpoint holds, through the safe loader")
     p.add_argument("path")
     p.set_defaults(fn=cmd_inspect_checkpoint)
@@ -321,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mct: invalid params: {e}", file=sys.stderr)
         return 2
+    except CheckpointRefused as e:
+        print(f"mct {args.command}: refused: {e}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"mct {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -107,3 +107,29 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path, monkeypatch
         out[flag] = torch.load(paths.distill_dir("inet_emd") / "generator.pt", weights_only=True)["generator"]
     for k in out[False]:
         torch.testing.assert_close(out[True][k], out[False][k], rtol=1e-5, atol=1e-6)
+
+
+class _Smuggler:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_inspect_checkpoint_cli_shows_and_refuses(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    good = tmp_path / "edm-tiny.pkl"
+    _tiny_edm_pickle(good, monkeypatch, tmp_path)
+    assert main(["inspect-checkpoint", str(good)]) == 0
+    shown = capsys.readouterr().out
+    assert sha256_file(good) in shown and "DhariwalUNet" in shown
+    bad = tmp_path / "bad.pkl"
+    marker = tmp_path / "pwned"
+    bad.write_bytes(pickle.dumps({"ema": _Smuggler(marker)}))
+    assert main(["inspect-checkpoint", str(bad)]) == 3
+    assert "system" in capsys.readouterr().err
+    assert not marker.exists()
