@@ -35,6 +35,9 @@ rule all:
     default_target: True
     input:
         list(REPORT_OUTPUTS.values()),
+        # the suite's own records too: the report files exist for every suite, these say which suite ran
+        [str(paths.experiment_metrics(e)) for e in EXPERIMENTS],
+        [str(paths.teacher_metrics(t)) for t in TEACHERS],
 
 
 include: "workflow/rules/data.smk"

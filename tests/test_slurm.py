@@ -154,3 +154,10 @@ def test_smoke_suite_runs_on_slurm_with_the_repo_profile(cluster, tmp_path):
     ran = {p.name for p in logs.iterdir()} if logs.exists() else set()
     for rule in ("rule_prepare", "rule_teacher", "rule_distill", "rule_evaluate", "rule_report"):
         assert rule in ran, sorted(ran)
+    # Snakemake's own HTML report embeds the same figures.
+    rep = subprocess.run(f"{snakemake} --config suite=smoke --report sm_report.html", shell=True, cwd=repo,
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    html = (repo / "sm_report.html").read_text(errors="replace")
+    for fig in sorted((repo / "reports" / "figures").glob("*.png")):
+        assert fig.stem in html, fig.name
