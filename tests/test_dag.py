@@ -247,3 +247,20 @@ def test_changed_settings_rerun_only_that_experiment(smoke_copy):
     assert rerun == {("init_student", changed), ("distill", changed), ("sample", changed), ("evaluate", changed),
                      ("report", None)}
     assert not any(inst == same for _, inst in rerun)
+
+
+def test_paper_scale_suite_plans_the_same_dag_in_both_engines(tmp_path):
+    """imagenet64 is dry-runnable now: with it as the default suite, both engines plan the same stages, and the
+    distill stage launches through accelerate on 8 GPUs."""
+    root = scratch_copy(tmp_path / "repo")
+    params = root / "params.yaml"
+    params.write_text(re.sub(r"^suite: \w+", "suite: imagenet64", params.read_text(), count=1, flags=re.M))
+    r = subprocess.run([sys.executable, "workflow/dvc_vars.py", "--write"], cwd=root, env=ENV, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    smk = parse_dry_run(dry_run(root))
+    dvc = dvc_stages(root)
+    assert sorted(smk, key=str) == sorted(dvc, key=str)
+    assert {k: v for k, v in smk.items()} == dvc
+    assert ("distill", "imagenet64_emd_k8") in smk
+    assert smk[("distill", "imagenet64_emd_k8")].command.startswith("accelerate launch --num_processes 8")
