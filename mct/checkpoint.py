@@ -16,7 +16,6 @@ pickle asks for (``os.system``, ``builtins.eval``, unknown classes, persistent i
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import os
 import pickle
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mct.diffusion import EDMPrecond
+from mct.fetch import sha256_file
 from mct.nets.edm import IDDPMPrecond, VEPrecond, VPPrecond, build_network
 
 
@@ -43,15 +43,6 @@ class UnsafeCheckpointError(CheckpointError):
 
 class ChecksumMismatchError(CheckpointError):
     """The file's sha256 differs from the pinned one."""
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so that multi-GB checkpoints need no memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike, expected: str | None) -> str:

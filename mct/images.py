@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from torch import Tensor
+
+from mct.io import atomic_path
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -43,13 +43,5 @@ def image_grid(images: Tensor, nrow: int, upscale: int = 4) -> PIL.Image.Image:
 
 def save_png(path: str | os.PathLike, image: PIL.Image.Image) -> None:
     """Write ``image`` as PNG atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -8,13 +8,14 @@ accuracy is reported next to every FID computed with it) and hands it to clean-f
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mct.io import save_torch
 
 
 class FeatureNet(nn.Module):
@@ -126,15 +127,7 @@ def save_feature_net(path: str | os.PathLike, net: FeatureNet, meta: dict[str, A
     path = Path(path)
     payload = {"config": dict(net.config), "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                "meta": dict(meta)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_torch(payload, path)
 
 
 def load_feature_net(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[FeatureNet, dict]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from cleanfid import fid as cfid
 from cleanfid import resize as cresize
 from cleanfid.downloads_helper import inception_url
 from torch import Tensor, nn
+
+from mct.io import atomic_path
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 DEFAULT_INCEPTION_PATH = Path("/tmp") / INCEPTION_FILENAME  # where clean-fid itself looks (and would download to)
@@ -75,15 +76,8 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta:
     buf = io.BytesIO()
     np.savez(buf, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
              meta=np.array(json.dumps(meta, sort_keys=True)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

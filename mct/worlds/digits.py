@@ -7,13 +7,14 @@ Pixels are integers 0..16; they are mapped linearly to [-1, 1] (EDM's image conv
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from mct.io import atomic_path
 
 NUM_CLASSES = 10
 IMG_SHAPE = (1, 8, 8)
@@ -70,18 +71,10 @@ def load_digits_split(held_out_fraction: float = 0.2, seed: int = 0) -> DigitsSp
 
 def save_split(path: str | os.PathLike, split: DigitsSplit) -> None:
     """Write the split as an uncompressed .npz, atomically (temp file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {name: getattr(split, name).detach().cpu().numpy() for name in _ARRAYS}
     _validate(arrays, str(path))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_split(path: str | os.PathLike) -> DigitsSplit:
