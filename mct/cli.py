@@ -23,6 +23,14 @@ def _params(args: argparse.Namespace) -> Params:
     return load_params(args.params, args.overrides)
 
 
+def _world(params: Params, name: str):
+    from mct.worlds.registry import make_world
+
+    if name not in params.worlds:
+        raise ConfigError(f"worlds: unknown world {name!r}; known: {sorted(params.worlds)}")
+    return make_world(name, params.worlds[name])
+
+
 def _teacher_path(params: Params, name: str) -> Path:
     params.teacher(name)  # unknown names fail here, naming the key
     return paths.teacher_file(name)
@@ -37,12 +45,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mct.worlds.registry import make_world
-
     params = _params(args)
-    if args.world not in params.worlds:
-        raise ConfigError(f"worlds: unknown world {args.world!r}; known: {sorted(params.worlds)}")
-    world = make_world(args.world, params.worlds[args.world])
+    world = _world(params, args.world)
     out = Path(args.out or paths.world_data(args.world, world.kind))
     world.prepare(out)
     print(f"prepared {args.world} -> {out}")
@@ -51,11 +55,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     from mct.teacher import train_teacher
-    from mct.worlds.registry import make_world
-
     params = _params(args)
     tcfg = params.teacher(args.teacher)
-    world = make_world(tcfg.world, params.worlds[tcfg.world])
+    world = _world(params, tcfg.world)
     out = Path(args.out or _teacher_path(params, args.teacher))
     if tcfg.kind == "fetch":
         from mct.fetch import fetch_pinned
@@ -72,11 +74,9 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 def cmd_init_student(args: argparse.Namespace) -> int:
     from mct.train import init_student
-    from mct.worlds.registry import make_world
-
     params = _params(args)
     exp = params.experiment(args.experiment)
-    world = make_world(exp.world, params.worlds[exp.world])
+    world = _world(params, exp.world)
     teacher = Path(args.teacher or _teacher_path(params, exp.teacher))
     out = Path(args.out or paths.student_init(args.experiment))
     info = init_student(world, exp, teacher, out)
@@ -86,11 +86,9 @@ def cmd_init_student(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from mct.train import distill
-    from mct.worlds.registry import make_world
-
     params = _params(args)
     exp = params.experiment(args.experiment)
-    world = make_world(exp.world, params.worlds[exp.world])
+    world = _world(params, exp.world)
     summary = distill(world, exp,
                       Path(args.teacher or _teacher_path(params, exp.teacher)),
                       Path(args.student or paths.student_init(args.experiment)),
@@ -110,11 +108,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from mct.io import atomic_path
     from mct.train import generate, load_generator
-    from mct.worlds.registry import make_world
-
     params = _params(args)
     exp = params.experiment(args.experiment)
-    world = make_world(exp.world, params.worlds[exp.world])
+    world = _world(params, exp.world)
     gen = load_generator(Path(args.generator or paths.distill_dir(args.experiment) / "generator.pt"), world, "ema")
     n = args.num or exp.eval.num_samples
     seed = exp.eval.seed if args.seed is None else args.seed
@@ -148,14 +144,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
             np.savez(f, x=x.numpy(), **({"labels": y.numpy()} if y is not None else {}))
     print(f"{n} samples of {args.experiment} -> {out}")
     return 0
-
-
-def _world(params: Params, name: str):
-    from mct.worlds.registry import make_world
-
-    if name not in params.worlds:
-        raise ConfigError(f"worlds: unknown world {name!r}; known: {sorted(params.worlds)}")
-    return make_world(name, params.worlds[name])
 
 
 def _feature_path(world) -> Path | None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from mct.config import ExperimentConfig
 from mct.emd import Generator, langevin_estep, mstep_loss, score_dsm_loss
-from mct.io import load_torch, save_torch, write_json
+from mct.io import atomic_path, load_torch, save_torch, write_json
 from mct.teacher import ema_update, load_denoiser
 from mct.worlds.registry import World
 
@@ -56,15 +56,20 @@ def init_student(world: World, exp: ExperimentConfig, teacher_path: Path, out: P
     return {"sigma_init": sigma_init, "init": exp.student.init}
 
 
+def build_generator(world: World, spec: dict[str, Any], sigma_init: float, state: dict[str, Tensor],
+                    arch_kwargs: dict[str, Any] | None = None) -> Generator:
+    """The generator around a fresh network of the recorded architecture, with ``state`` loaded."""
+    gen = Generator(world.build_network(spec["arch"], arch_kwargs or spec["arch_kwargs"]), sigma_init)
+    gen.denoiser.load_state_dict(state)
+    return gen
+
+
 def load_generator(path: Path, world: World, key: str = "generator") -> Generator:
     """Generator from a student-init file ('generator') or a distill output ('ema' / 'generator')."""
     ckpt = load_torch(path)
     if ckpt.get("format") not in ("mct-student-v1", "mct-generator-v1"):
         raise ValueError(f"{path}: not an mct student or generator file (format {ckpt.get('format')!r})")
-    spec = ckpt["spec"]
-    gen = Generator(world.build_network(spec["arch"], spec["arch_kwargs"]), ckpt["sigma_init"])
-    gen.denoiser.load_state_dict(ckpt[key])
-    return gen
+    return build_generator(world, ckpt["spec"], ckpt["sigma_init"], ckpt[key])
 
 
 # --- the loop ----------------------------------------------------------------------------------------------
@@ -103,8 +108,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         if spec["arch"] != "edm":
             raise ValueError(f"distill.grad_checkpoint: supported for EDM networks, not {spec['arch']!r}")
         arch_kwargs["use_checkpoint"] = True  # recompute block activations in backward: memory for compute
-    gen = Generator(world.build_network(spec["arch"], arch_kwargs), st["sigma_init"])
-    gen.denoiser.load_state_dict(st["generator"])
+    gen = build_generator(world, spec, st["sigma_init"], st["generator"], arch_kwargs)
     score = world.build_network(spec["arch"], arch_kwargs)
     score.load_state_dict(st["score"])
     gen, score = gen.to(device), score.to(device)
@@ -117,15 +121,16 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     rng_path = work_dir / f"rng.rank{acc.process_index}.pt"
     fingerprint = run_fingerprint(exp, teacher_path, student_path)
     start = 0
-    if ckpt_path.exists() and load_torch(ckpt_path).get("fingerprint") != fingerprint:
+    ck = load_torch(ckpt_path) if ckpt_path.exists() else None
+    if ck is not None and ck.get("fingerprint") != fingerprint:
         # Settings or inputs changed since this state was saved: resuming would mix two runs.
         if acc.is_main_process:
             print(f"distill: discarding resume state in {work_dir} (settings or inputs changed)")
             for stale in [ckpt_path, work_dir / "log.jsonl", *work_dir.glob("rng.rank*.pt")]:
                 stale.unlink(missing_ok=True)
         acc.wait_for_everyone()
-    if ckpt_path.exists():
-        ck = load_torch(ckpt_path)
+        ck = None
+    if ck is not None:
         gen.load_state_dict(ck["generator"])
         score.load_state_dict(ck["score"])
         ema.load_state_dict(ck["ema"])
@@ -137,10 +142,8 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     gen_raw, score_raw = acc.unwrap_model(gen_p), acc.unwrap_model(score_p)
 
     log_path = work_dir / "log.jsonl"
-    records = []
-    if log_path.exists():  # keep only what the checkpoint covers, so a resumed log has no duplicate steps
-        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r["iteration"] < start]
+    # keep only what the checkpoint covers, so a resumed log has no duplicate steps
+    records = [r for r in _read_log(log_path) if r["iteration"] < start]
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     log_file = open(log_path, "a")  # noqa: SIM115 - kept open for the whole loop
 
@@ -222,7 +225,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         bar.close()
 
     seconds = time.perf_counter() - t_run
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = _read_log(log_path)
     summary = {
         "experiment_method": exp.method_name, "iterations": d.iterations, "K": d.K, "space": d.space,
         "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial, "seconds_this_run": round(seconds, 2),
@@ -237,8 +240,6 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         save_torch({"format": "mct-generator-v1", "spec": spec, "sigma_init": st["sigma_init"],
                     "ema": _denoiser_state(ema),
                     "generator": _denoiser_state(gen_raw)}, out_dir / "generator.pt")
-        from mct.io import atomic_path
-
         with atomic_path(out_dir / "log.jsonl") as tmp:
             tmp.write_text(log_path.read_text())
         write_json(summary, out_dir / "summary.json")
@@ -254,6 +255,12 @@ def run_fingerprint(exp: ExperimentConfig, teacher_path: Path, student_path: Pat
     blob = json.dumps({"exp": asdict(exp), "teacher": sha256_file(teacher_path),
                        "student": sha256_file(student_path)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _denoiser_state(gen: nn.Module) -> dict[str, Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ class World:
     def kind(self) -> str:
         return self.cfg.kind
 
-    @property
+    @cached_property
     def mixture(self) -> GaussianMixture:
         if self.kind != "toy2d":
             raise ValueError(f"world {self.name!r} is not a toy2d world")
@@ -43,7 +44,7 @@ class World:
     def label_dim(self) -> int:
         return {"toy2d": 0, "digits": 10}.get(self.kind, self.cfg.num_classes)
 
-    @property
+    @cached_property  # read on every training step
     def sigma_data(self) -> float:
         return self.mixture.data_std() if self.kind == "toy2d" else DIGITS_SIGMA_DATA
 
