@@ -37,15 +37,6 @@ from mct.checkpoint import (
 from mct.diffusion import EDMPrecond
 from mct.nets.edm import DhariwalUNet, SongUNet, VPPrecond, count_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ADM_KW = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=np.float64(0.0),
               channels_per_head=8)
 SONG_KW = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],

@@ -23,16 +23,6 @@ from mct.nets.edm import (
     count_parameters,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run ~100x slower when torch's threads compete on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL_ADM = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, model_channels=16,
                  channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, channels_per_head=8)
 SMALL_DDPMPP = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, augment_dim=9, model_channels=16,

@@ -46,7 +46,6 @@ def _params(source, sha) -> dict:
 
 
 def test_edm_teacher_fetch_init_and_distill(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
     src = tmp_path / "edm-tiny.pkl"
     net = _tiny_edm_pickle(src, monkeypatch, tmp_path)
     work = tmp_path / "work"
@@ -90,7 +89,6 @@ def test_wrong_pin_is_refused_and_nothing_is_left(tmp_path, monkeypatch, capsys)
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path, monkeypatch):
     """Two iterations with EDM blocks recomputed in backward equal two without (deterministic CPU kernels)."""
-    torch.set_num_threads(1)
     src = tmp_path / "edm-tiny.pkl"
     _tiny_edm_pickle(src, monkeypatch, tmp_path)
     out = {}
