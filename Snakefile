@@ -5,7 +5,7 @@
 #   snakemake --cores all --profile slurm       one Slurm job per rule instance (workflow/profiles/slurm)
 #   snakemake -n -p                             dry run: list the jobs and their commands, run nothing
 #   snakemake --configfile other.yaml           another complete params file (every `mct` call reads it)
-# Without --profile, Snakemake uses workflow/profiles/default.
+# Local defaults: --profile workflow/profiles/default (Snakemake does not pick it up by itself).
 #
 # params.yaml is validated (mct.config.load_params) while this file is read, so a bad key or an unknown
 # suite stops everything with the message naming the key, before any job starts. Each rule calls one
