@@ -60,10 +60,24 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     world = _world(params, tcfg.world)
     out = Path(args.out or _teacher_path(params, args.teacher))
     if tcfg.kind == "fetch":
-        from mct.fetch import fetch_pinned
+        from mct.fetch import check_sha256, fetch_pinned
 
-        fetch_pinned(tcfg.source, tcfg.sha256, out, progress=not args.no_progress)
-        print(f"fetched teacher {args.teacher} -> {out}")
+        if tcfg.arch != "adm":  # EDM pickles are kept as published and loaded by the restricted unpickler
+            fetch_pinned(tcfg.source, tcfg.sha256, out, progress=not args.no_progress)
+            print(f"fetched teacher {args.teacher} -> {out}")
+            return 0
+        from mct.nets.adm import adm_model_kwargs
+        from mct.teacher import import_adm_teacher
+
+        adm_model_kwargs(dict(tcfg.arch_kwargs))  # unknown flags fail before any download
+        sha = check_sha256(tcfg.sha256)
+        # The verified download sits beside the output until the conversion succeeds (a failed conversion keeps
+        # it, so a rerun does not download again); the converted mct checkpoint is the stage's output.
+        raw = out.with_name(f".{out.name}.download")
+        fetch_pinned(tcfg.source, sha, raw, progress=not args.no_progress)
+        import_adm_teacher(raw, world, dict(tcfg.arch_kwargs), out, {"source": tcfg.source, "sha256": sha})
+        raw.unlink()
+        print(f"fetched ADM teacher {args.teacher} ({tcfg.source}) -> {out}")
         return 0
     data = Path(args.data or paths.world_data(tcfg.world, world.kind))
     x, y = world.load_split(data, "train")
@@ -115,13 +129,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = args.num or exp.eval.num_samples
     seed = exp.eval.seed if args.seed is None else args.seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    uint8 = world.kind == "imagenet"  # 50k float images would be 4x larger; FID reads them quantised anyway
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator
         from accelerate.utils import gather_object
 
         acc = Accelerator()
         x, y = generate(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, acc.device,
-                        shard=(acc.process_index, acc.num_processes))
+                        shard=(acc.process_index, acc.num_processes), uint8=uint8)
         parts = gather_object([(acc.process_index, x, y)])
         if not acc.is_main_process:
             return 0
@@ -137,7 +152,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 ys.append(yr[k * bs:(k + 1) * bs])
         x, y = torch.cat(xs), (torch.cat(ys) if ys else None)
     else:
-        x, y = generate(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device)
+        x, y = generate(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device, uint8=uint8)
     out = Path(args.out or paths.samples_file(args.experiment))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
@@ -167,7 +182,8 @@ def cmd_ref_stats(args: argparse.Namespace) -> int:
     params = _params(args)
     world = _world(params, args.world)
     out = Path(args.out or paths.reference_stats(args.world))
-    meta = reference_stats(world, paths.world_data(world.name, world.kind), _feature_path(world), out)
+    meta = reference_stats(world, paths.world_data(world.name, world.kind), _feature_path(world), out,
+                           progress=not args.no_progress)
     print(f"reference statistics {meta} -> {out}")
     return 0
 
@@ -181,7 +197,7 @@ def cmd_teacher_eval(args: argparse.Namespace) -> int:
     rec = evaluate_teacher(world, args.teacher, tcfg, _teacher_path(params, args.teacher),
                            paths.world_data(world.name, world.kind), _feature_path(world),
                            paths.reference_stats(world.name), args.num or 10000, args.seed,
-                           Path(args.out or paths.teacher_metrics(args.teacher)))
+                           Path(args.out or paths.teacher_metrics(args.teacher)), progress=not args.no_progress)
     print(json.dumps(rec, indent=1))
     return 0
 

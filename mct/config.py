@@ -84,6 +84,7 @@ class WorldConfig:
     resolution: int = field(default=64, metadata=_check(_positive))
     num_classes: int = field(default=1000, metadata=_check(_non_negative))
     max_images: int = 0
+    ref_images: int = field(default=0, metadata=_check(_non_negative))  # imagenet: FID reference images, 0 = all
     seed: int = 0
 
 
@@ -93,7 +94,7 @@ class TeacherConfig:
 
     world: str
     kind: Literal["train", "fetch"] = "train"
-    arch: Literal["mlp", "conv", "edm"] = "mlp"
+    arch: Literal["mlp", "conv", "edm", "adm"] = "mlp"  # edm: an EDM pickle; adm: guided-diffusion flags
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     iterations: int = field(default=3000, metadata=_check(_non_negative))
     batch_size: int = field(default=512, metadata=_check(_positive))
@@ -323,6 +324,27 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _check_fetched_arch(key: str, t: TeacherConfig, world: WorldConfig) -> None:
+    """Published checkpoints (edm pickles, adm state dicts) are fetched, and must fit their world."""
+    if t.arch in ("edm", "adm"):
+        if t.kind != "fetch":
+            raise ConfigError(f"{key}.kind: arch {t.arch!r} is a published checkpoint; use kind: fetch")
+        if world.kind != "imagenet":
+            raise ConfigError(f"{key}.arch: {t.arch!r} teachers need an imagenet world, not {world.kind!r}")
+    if t.arch == "adm":
+        size = t.arch_kwargs.get("image_size")
+        if size != world.resolution:
+            raise ConfigError(f"{key}.arch_kwargs.image_size: {size!r} must equal the world's resolution "
+                              f"{world.resolution} (guided-diffusion flags of the checkpoint)")
+        if t.arch_kwargs.get("noise_schedule", "linear") != "linear":
+            raise ConfigError(f"{key}.arch_kwargs.noise_schedule: only 'linear' (ADM ImageNet-128) is supported, "
+                              f"got {t.arch_kwargs['noise_schedule']!r}")
+        classes = world.num_classes if t.arch_kwargs.get("class_cond") else 0
+        if classes not in (0, 1000):
+            raise ConfigError(f"{key}.arch_kwargs.class_cond: ADM models have 1000 classes; the world has "
+                              f"num_classes {world.num_classes}")
+
+
 TOP_LEVEL = ("suite", "worlds", "teachers", "templates", "experiments", "suites")
 
 
@@ -343,6 +365,7 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
     for name, t in teachers.items():
         if t.world not in worlds:
             raise ConfigError(f"teachers.{name}.world: unknown world {t.world!r}; known: {sorted(worlds)}")
+        _check_fetched_arch(f"teachers.{name}", t, worlds[t.world])
     raw_experiments = _coerce(raw["experiments"], dict[str, dict[str, Any]], "experiments")
     experiments: dict[str, ExperimentConfig] = {}
     for name, exp in raw_experiments.items():

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mct.config import ExperimentConfig, TeacherConfig
 from mct.diffusion import edm_heun_sample, heun_nfe
@@ -28,6 +29,7 @@ from mct.train import generate, load_generator, one_hot_labels
 from mct.worlds.registry import World
 
 PR_MAX = 5000  # precision/recall on at most this many points per set (k-NN is quadratic)
+EVAL_BATCH = 1000  # samples per feature batch
 
 
 def train_features(world: World, data: Path, out: Path, seed: int = 0, epochs: int = 15) -> dict[str, Any]:
@@ -44,11 +46,17 @@ def train_features(world: World, data: Path, out: Path, seed: int = 0, epochs: i
     return meta
 
 
+def eval_device() -> torch.device:
+    """Evaluation runs in one process: on the first GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class FeatureSpace:
     """Maps samples to the space where FID and precision/recall are computed for a world."""
 
-    def __init__(self, world: World, feature_path: Path | None) -> None:
+    def __init__(self, world: World, feature_path: Path | None, device: torch.device | str = "cpu") -> None:
         self.world = world
+        self.device = torch.device(device)
         self.extractor = None
         if world.kind == "digits":
             from mct.metrics.features import load_feature_net
@@ -58,64 +66,106 @@ class FeatureSpace:
             net, _ = load_feature_net(feature_path)
             self.extractor = fidlib.custom_extractor(net.eval(), resize_to=None)
         elif world.kind == "imagenet":
-            self.extractor = fidlib.inception_feature_extractor("legacy_tensorflow")
+            self.extractor = fidlib.inception_feature_extractor("legacy_tensorflow", self.device)
 
-    def __call__(self, x: Tensor) -> np.ndarray:
+    @property
+    def name(self) -> str:
+        return {"toy2d": "identity", "digits": "digits-feature-net"}.get(self.world.kind, "inception-legacy-tf")
+
+    def __call__(self, x: Tensor | np.ndarray) -> np.ndarray:
+        """Features of a batch: float images in [-1, 1] or uint8 images (image worlds), points (toy2d)."""
         if self.world.kind == "toy2d":
-            return x.double().numpy()
+            return torch.as_tensor(x).double().numpy()
         mode = "legacy_tensorflow" if self.world.kind == "imagenet" else None
-        return fidlib.images_features(x.clamp(-1, 1), self.extractor, mode=mode)
+        if isinstance(x, Tensor) and x.is_floating_point():
+            x = x.clamp(-1, 1)
+        return fidlib.images_features(x, self.extractor, device=self.device, mode=mode)
 
 
-def reference_stats(world: World, data: Path, feature_path: Path | None, out: Path) -> dict[str, Any]:
-    """FID statistics of the held-out split, once per world."""
-    x, _ = world.load_split(data, "test")
-    feats = FeatureSpace(world, feature_path)(x)
-    mu, sigma = fidlib.feature_stats(feats)
-    meta = {"world": world.name, "split": "test", "count": int(len(x))}
-    fidlib.save_stats(out, mu, sigma, meta)
+class FeatureAccumulator:
+    """Streams sample batches into FID statistics, keeping the first ``keep`` features for precision/recall
+    and, on toy2d, the points themselves (for the exact mode statistics); memory is bounded by ``keep``."""
+
+    def __init__(self, space: FeatureSpace, keep: int = PR_MAX) -> None:
+        self.space, self.keep = space, keep
+        self.stats = fidlib.RunningStats()
+        self.kept: list[np.ndarray] = []
+        self.points: list[Tensor] = []
+
+    def add(self, x: Tensor | np.ndarray) -> None:
+        feats = self.space(x)
+        self.stats.update(feats)
+        have = sum(len(f) for f in self.kept)
+        if have < self.keep:
+            self.kept.append(feats[:self.keep - have])
+        if self.space.world.kind == "toy2d":
+            self.points.append(torch.as_tensor(x).float())
+
+    @property
+    def pr_features(self) -> np.ndarray:
+        return np.concatenate(self.kept)
+
+
+def reference_stats(world: World, data: Path, feature_path: Path | None, out: Path,
+                    batch_size: int = 500, progress: bool = False) -> dict[str, Any]:
+    """FID statistics of the reference set (held-out split; the ImageNet archive), streamed, once per world.
+    The file also keeps up to PR_MAX reference features for precision/recall."""
+    acc = FeatureAccumulator(FeatureSpace(world, feature_path, eval_device()))
+    for x in tqdm(world.reference_batches(data, batch_size), desc=f"reference {world.name}", unit="batch",
+                  disable=not progress):
+        acc.add(x)
+    mu, sigma = acc.stats.stats()
+    split = "all" if world.kind == "imagenet" else "test"
+    meta = {"world": world.name, "split": split, "count": int(acc.stats.count), "features": acc.space.name}
+    fidlib.save_stats(out, mu, sigma, meta, pr_features=acc.pr_features)
     return meta
 
 
-def _quality(world: World, x: Tensor, data: Path, feature_path: Path | None, ref: Path) -> dict[str, Any]:
-    space = FeatureSpace(world, feature_path)
-    gen_feats = space(x)
-    mu, sigma, _ = fidlib.load_stats(ref)
-    rec: dict[str, Any] = {"fid": fidlib.fid_from_stats(*fidlib.feature_stats(gen_feats), mu, sigma)}
-    real, _ = world.load_split(data, "test")
-    real_feats = space(real[:PR_MAX])
-    p, r = precision_recall(real_feats, gen_feats[:PR_MAX])
+def _quality(world: World, acc: FeatureAccumulator, ref: Path) -> dict[str, Any]:
+    mu, sigma, meta, ref_pr = fidlib.load_stats(ref, with_pr_features=True)
+    if ref_pr is None:
+        raise ValueError(f"{ref} holds no precision/recall features (written by an older mct); "
+                         "rebuild it with `mct ref-stats`")
+    rec: dict[str, Any] = {"fid": fidlib.fid_from_stats(*acc.stats.stats(), mu, sigma)}
+    p, r = precision_recall(ref_pr, acc.pr_features)
     rec.update(precision=float(p), recall=float(r))
     if world.kind == "toy2d":
         from mct.metrics.modes import mode_statistics
 
         m = world.mixture
         rec.update({k: (int(v) if k.startswith("modes_") else float(v))
-                    for k, v in mode_statistics(x, m.means, m.weights, m.std).items()})
+                    for k, v in mode_statistics(torch.cat(acc.points), m.means, m.weights, m.std).items()})
     return rec
 
 
-def _teacher_sampler(teacher, world: World, steps: int, sigma_min: float, sigma_max: float):
+def _teacher_sampler(teacher, world: World, steps: int, sigma_min: float, sigma_max: float,
+                     device: torch.device | str = "cpu"):
+    """n teacher samples (Heun); latents and labels are drawn on the CPU, so a seed gives the same set anywhere."""
     def run(n: int, rng: torch.Generator | None = None) -> Tensor:
         rng = rng or torch.Generator().manual_seed(0)
         latents = torch.randn((n, *world.data_shape), generator=rng)
         labels = one_hot_labels(n, world.label_dim, rng)
-        x, _ = edm_heun_sample(teacher, latents, labels, steps, sigma_min, sigma_max)
-        return x
+        with torch.no_grad():
+            x, _ = edm_heun_sample(teacher, latents.to(device), None if labels is None else labels.to(device),
+                                   steps, sigma_min, sigma_max)
+        return x.cpu()
     return run
 
 
 def evaluate_teacher(world: World, name: str, tcfg: TeacherConfig, teacher_path: Path, data: Path,
-                     feature_path: Path | None, ref: Path, num_samples: int, seed: int, out: Path) -> dict[str, Any]:
+                     feature_path: Path | None, ref: Path, num_samples: int, seed: int, out: Path,
+                     batch_size: int = 1000, progress: bool = False) -> dict[str, Any]:
+    device = eval_device()
     teacher, _ = load_denoiser(teacher_path, world)
-    teacher.eval()
-    sampler = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max)
+    teacher.eval().to(device)
+    sampler = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max, device)
     rng = torch.Generator().manual_seed(seed)
-    xs = [sampler(min(1000, num_samples - i), rng) for i in range(0, num_samples, 1000)]
-    x = torch.cat(xs)
+    acc = FeatureAccumulator(FeatureSpace(world, feature_path, device))
+    for i in tqdm(range(0, num_samples, batch_size), desc=f"teacher {name}", unit="batch", disable=not progress):
+        acc.add(sampler(min(batch_size, num_samples - i), rng))
     nfe = heun_nfe(tcfg.sampler_steps)
     rec = {"teacher": name, "world": world.name, "method": "teacher", "K": None, "nfe": nfe,
-           **_quality(world, x, data, feature_path, ref),
+           **_quality(world, acc, ref),
            "samples_per_s": samples_per_second(lambda n: sampler(n), batch_size=256, n_batches=3, warmup=1)}
     write_json(rec, out)
     return rec
@@ -124,15 +174,22 @@ def evaluate_teacher(world: World, name: str, tcfg: TeacherConfig, teacher_path:
 def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: TeacherConfig, samples: Path,
                         distill_dir: Path, teacher_path: Path, data: Path, feature_path: Path | None, ref: Path,
                         out: Path) -> dict[str, Any]:
+    device = eval_device()
+    acc = FeatureAccumulator(FeatureSpace(world, feature_path, device))
     with np.load(samples) as f:
-        x = torch.from_numpy(f["x"]).float()
+        x = f["x"]  # float32 [-1, 1], or uint8 for ImageNet (EDM's saved-image quantisation)
+    for start in range(0, len(x), EVAL_BATCH):
+        chunk = x[start:start + EVAL_BATCH]
+        acc.add(torch.from_numpy(chunk) if chunk.dtype == np.uint8 else torch.from_numpy(chunk).float())
+    del x
     summary = json.loads((distill_dir / "summary.json").read_text())
     gen = load_generator(distill_dir / "generator.pt", world, "ema").eval()
     teacher, _ = load_denoiser(teacher_path, world)
-    teacher.eval()
+    teacher.eval().to(device)
+    gen.to(device)
     # Student and teacher speed in one process on one device, same batch size.
-    student_fn = lambda n: generate(gen, world.data_shape, n, 0, world.label_dim, batch_size=n)[0]  # noqa: E731
-    teacher_fn = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max)
+    student_fn = lambda n: generate(gen, world.data_shape, n, 0, world.label_dim, batch_size=n, device=device)[0]  # noqa: E731
+    teacher_fn = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max, device)
     s_sps = samples_per_second(student_fn, batch_size=256, n_batches=10, warmup=2)
     t_sps = samples_per_second(teacher_fn, batch_size=256, n_batches=3, warmup=1)
     nfe_t = heun_nfe(tcfg.sampler_steps)
@@ -140,7 +197,7 @@ def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: Te
     rec = {"experiment": name, "world": world.name, "method": exp.method_name, "K": d.K, "nfe": 1,
            "space": d.space, "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial,
            "init": exp.student.init, "gamma_eps": d.gamma_eps, "gamma_z": d.gamma_z, "iterations": d.iterations,
-           **_quality(world, x, data, feature_path, ref),
+           **_quality(world, acc, ref),
            "samples_per_s": s_sps, "teacher_samples_per_s": t_sps, "teacher_nfe": nfe_t,
            "speedup": s_sps / t_sps, "speedup_over_nfe": s_sps / t_sps / nfe_t,
            "sec_per_iter": summary["sec_per_iter"], "sec_per_iter_estep": summary["sec_per_iter_estep"]}

@@ -68,13 +68,10 @@ KNOWN_TEACHERS: dict[str, dict] = {
         "labels": "one-hot float (B, 1000), EDM convention",
     },
     # ImageNet-128: EDM published no 128x128 ImageNet model, so we use OpenAI's guided-diffusion ADM
-    # (Dhariwal & Nichol 2021) 128x128 class-conditional model. It predicts eps under the VP linear beta
-    # schedule with T = 1000 steps; with learn_sigma the net outputs 6 channels and the first 3 are eps (the
-    # other 3 interpolate the variance, unused by a deterministic eps -> x0 map). It enters through
-    # mct.diffusion.VPEpsDenoiser(eps_net, linear_alpha_bar()), where eps_net(x_vp, t, labels) must take the
-    # integer timestep t (ADM's rescale_timesteps=False), map one-hot labels to ADM's integer y = argmax, and
-    # return out[:, :3]. The file is a plain state_dict (torch.load(weights_only=True) suffices); the UNet is
-    # built with the ADM flags below.
+    # (Dhariwal & Nichol 2021) 128x128 class-conditional model: eps-prediction under the VP linear beta schedule,
+    # T = 1000; with learn_sigma it outputs 6 channels and the first 3 are eps. params.yaml's imagenet128_adm
+    # teacher wires it in: the teacher stage loads the plain state dict with torch.load(weights_only=True) into
+    # mct.nets.adm.ADMUNet (built from the flags below) inside mct.diffusion.VPEpsDenoiser(ADMEpsNet(...)).
     "adm-imagenet-128x128-cond": {
         "url": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/128x128_diffusion.pt",
         "sha256": None,  # must be pinned by the user (not measurable offline)

@@ -47,6 +47,23 @@ def load_denoiser(path: Path, world: World) -> tuple[EDMPrecond, dict[str, Any]]
     return net, spec
 
 
+def import_adm_teacher(raw: Path, world: World, flags: dict[str, Any], out: Path,
+                       meta: dict[str, Any] | None = None) -> None:
+    """A guided-diffusion state dict (read with ``torch.load(weights_only=True)``) -> an mct denoiser checkpoint:
+    the ADM U-Net inside VPEpsDenoiser, so every later stage loads it like any other teacher."""
+    from mct.checkpoint import load_state_checkpoint
+    from mct.nets.adm import load_adm_state_dict
+
+    state = load_state_checkpoint(raw)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{raw}: expected a guided-diffusion state dict, found {type(state).__name__}")
+    denoiser = world.build_network("adm", flags)
+    load_adm_state_dict(denoiser.eps_net.unet, state)
+    save_denoiser(out, denoiser, denoiser_spec(world, "adm", flags), meta)
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):

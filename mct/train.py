@@ -105,8 +105,8 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     spec = st["spec"]
     arch_kwargs = dict(spec["arch_kwargs"])
     if d.grad_checkpoint:
-        if spec["arch"] != "edm":
-            raise ValueError(f"distill.grad_checkpoint: supported for EDM networks, not {spec['arch']!r}")
+        if spec["arch"] not in ("edm", "adm"):
+            raise ValueError(f"distill.grad_checkpoint: supported for EDM and ADM networks, not {spec['arch']!r}")
         arch_kwargs["use_checkpoint"] = True  # recompute block activations in backward: memory for compute
     gen = build_generator(world, spec, st["sigma_init"], st["generator"], arch_kwargs)
     score = world.build_network(spec["arch"], arch_kwargs)
@@ -274,9 +274,11 @@ def _mean_tail(values: list[float], n: int = 50) -> float:
 
 @torch.no_grad()
 def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_dim: int, batch_size: int = 1000,
-             device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor | None]:
+             device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1), uint8: bool = False
+             ) -> tuple[Tensor, Tensor | None]:
     """n one-step samples. Batch j draws its z and labels from a generator seeded with (seed, j), so the set is the
-    same whatever the number of processes: ``shard=(rank, world)`` makes the batches j = rank mod world."""
+    same whatever the number of processes: ``shard=(rank, world)`` makes the batches j = rank mod world.
+    ``uint8`` quantises each image batch as EDM saves images (x * 127.5 + 128, clipped), a quarter of the memory."""
     rank, world_size = shard
     gen = gen.to(device).eval()
     xs, ys = [], []
@@ -287,9 +289,11 @@ def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_di
         m = min(batch_size, n - start)
         z = torch.randn((m, *shape), generator=rng, device=device)
         labels = one_hot_labels(m, label_dim, rng, device)
-        xs.append(gen(z, labels).cpu())
+        x = gen(z, labels)
+        xs.append(torch.clamp(x * 127.5 + 128.0, 0, 255).to(torch.uint8).cpu() if uint8 else x.cpu())
         if labels is not None:
             ys.append(labels.argmax(1).cpu())
     if not xs:
-        return torch.empty((0, *shape)), (torch.empty(0, dtype=torch.long) if label_dim else None)
+        empty_y = torch.empty(0, dtype=torch.long) if label_dim else None
+        return torch.empty((0, *shape), dtype=torch.uint8 if uint8 else torch.float32), empty_y
     return torch.cat(xs), (torch.cat(ys) if ys else None)

@@ -249,12 +249,14 @@ def test_changed_settings_rerun_only_that_experiment(smoke_copy):
     assert not any(inst == same for _, inst in rerun)
 
 
-def test_paper_scale_suite_plans_the_same_dag_in_both_engines(tmp_path):
-    """imagenet64 is dry-runnable now: with it as the default suite, both engines plan the same stages, and the
-    distill stage launches through accelerate on 8 GPUs."""
+@pytest.mark.parametrize(("suite", "experiment"), [("imagenet64", "imagenet64_emd_k8"),
+                                                    ("imagenet128", "imagenet128_emd_k16")])
+def test_paper_scale_suite_plans_the_same_dag_in_both_engines(tmp_path, suite, experiment):
+    """The paper-scale suites are dry-runnable: with one as the default suite, both engines plan the same stages,
+    and the distill stage launches through accelerate on 8 GPUs."""
     root = scratch_copy(tmp_path / "repo")
     params = root / "params.yaml"
-    params.write_text(re.sub(r"^suite: \w+", "suite: imagenet64", params.read_text(), count=1, flags=re.M))
+    params.write_text(re.sub(r"^suite: \w+", f"suite: {suite}", params.read_text(), count=1, flags=re.M))
     r = subprocess.run([sys.executable, "workflow/dvc_vars.py", "--write"], cwd=root, env=ENV, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
@@ -262,5 +264,5 @@ def test_paper_scale_suite_plans_the_same_dag_in_both_engines(tmp_path):
     dvc = dvc_stages(root)
     assert sorted(smk, key=str) == sorted(dvc, key=str)
     assert {k: v for k, v in smk.items()} == dvc
-    assert ("distill", "imagenet64_emd_k8") in smk
-    assert smk[("distill", "imagenet64_emd_k8")].command.startswith("accelerate launch --num_processes 8")
+    assert ("distill", experiment) in smk and ("ref_stats", suite) in smk
+    assert smk[("distill", experiment)].command.startswith("accelerate launch --num_processes 8")

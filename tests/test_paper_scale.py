@@ -16,15 +16,15 @@ from mct.nets.edm import DhariwalUNet
 from tests.test_checkpoint import ADM_KW, EDMLoss, Persisted, _randomize, _src, write_edm_pickle
 
 
-def _tiny_edm_pickle(path, monkeypatch, marker_dir):
+def _tiny_edm_pickle(path, monkeypatch, marker_dir, label_dim: int = 10):
     torch.manual_seed(0)
-    kw = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, **ADM_KW)
+    kw = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=label_dim, **ADM_KW)
     unet = _randomize(DhariwalUNet(**kw))
-    net = EDMPrecond(unet, sigma_data=0.5, label_dim=10)
+    net = EDMPrecond(unet, sigma_data=0.5, label_dim=label_dim)
     src = _src(marker_dir / "module_src_ran")
     ema = Persisted(net, "EDMPrecond", src, init_kwargs=dict(
-        img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, sigma_data=0.5, model_type="DhariwalUNet",
-        **ADM_KW))
+        img_resolution=16, img_channels=3, label_dim=label_dim, use_fp16=False, sigma_data=0.5,
+        model_type="DhariwalUNet", **ADM_KW))
     state = dict(net.__dict__)
     state["_modules"] = dict(model=Persisted(unet, "DhariwalUNet", src, init_kwargs=kw))
     ema.obj = types.SimpleNamespace(**state)

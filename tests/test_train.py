@@ -114,6 +114,10 @@ def test_sharded_sampling_gives_the_same_set(tiny_raw, toy_teacher, tmp_path):
     # rank r holds batches r, r + 2, ...: interleave them back.
     chunks = [parts[j % 2][(j // 2) * 100:(j // 2 + 1) * 100] for j in range(10)]
     assert torch.equal(torch.cat(chunks), full)
+    # uint8 (how ImageNet samples are stored): EDM's quantisation of the very same samples, batch by batch.
+    quantised, _ = generate(gen, (2,), 1000, seed=5, label_dim=0, batch_size=100, uint8=True)
+    assert quantised.dtype == torch.uint8
+    assert torch.equal(quantised, torch.clamp(full * 127.5 + 128, 0, 255).to(torch.uint8))
 
 
 def test_gradient_accumulation_runs_and_must_divide_the_batch(tiny_raw, toy_teacher, tmp_path):

@@ -54,6 +54,44 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+class RunningStats:
+    """Mean and covariance of features that arrive in batches, in bounded memory (Chan et al.'s pairwise update).
+
+    Each batch's centred scatter is merged into the running one, so the result equals :func:`feature_stats` of
+    all rows at once (N - 1 normalisation) up to float64 rounding, whatever the batching.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: np.ndarray | None = None
+        self.scatter: np.ndarray | None = None  # sum of (f - mean)(f - mean)^T
+
+    def update(self, features: np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or len(f) == 0:
+            raise ValueError(f"features must be (N >= 1, F), got shape {f.shape}")
+        if not np.isfinite(f).all():
+            raise ValueError("features contain NaN or inf")
+        if self.mean is not None and f.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"feature width changed from {self.mean.shape[0]} to {f.shape[1]}")
+        n_b, mean_b = len(f), f.mean(axis=0)
+        centred = f - mean_b
+        scatter_b = centred.T @ centred
+        if self.mean is None:
+            self.count, self.mean, self.scatter = n_b, mean_b, scatter_b
+            return
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.scatter += scatter_b + np.outer(delta, delta) * (self.count * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
+        self.count = n
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature rows for a covariance, got {self.count}")
+        return self.mean.copy(), self.scatter / (self.count - 1)
+
+
 def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed by cleanfid.fid.frechet_distance."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
@@ -70,21 +108,30 @@ def compute_fid(gen_features: np.ndarray, ref_stats: tuple) -> float:
     return fid_from_stats(mu, sigma, ref_stats[0], ref_stats[1])
 
 
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write mu, sigma and JSON metadata (feature extractor, mode, N, ...) to an .npz, atomically."""
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict[str, Any],
+               pr_features: np.ndarray | None = None) -> None:
+    """Write mu, sigma, JSON metadata (feature extractor, N, ...) and optionally a subset of the reference
+    features (for precision/recall) to an .npz, atomically."""
     path = Path(path)
+    arrays = {"mu": np.asarray(mu, dtype=np.float64), "sigma": np.asarray(sigma, dtype=np.float64),
+              "meta": np.array(json.dumps(meta, sort_keys=True))}
+    if pr_features is not None:
+        arrays["pr_features"] = np.asarray(pr_features, dtype=np.float64)
     buf = io.BytesIO()
-    np.savez(buf, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
-             meta=np.array(json.dumps(meta, sort_keys=True)))
+    np.savez(buf, **arrays)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
 
 
-def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def load_stats(path: str | os.PathLike, with_pr_features: bool = False) -> tuple:
+    """(mu, sigma, meta), or (mu, sigma, meta, pr_features or None) with ``with_pr_features``."""
     with np.load(path, allow_pickle=False) as z:
         if not {"mu", "sigma", "meta"} <= set(z.files):
             raise ValueError(f"{path} is not an FID statistics file (needs mu, sigma, meta; has {z.files})")
-        return z["mu"], z["sigma"], json.loads(str(z["meta"]))
+        out = (z["mu"], z["sigma"], json.loads(str(z["meta"])))
+        if with_pr_features:
+            out += (z["pr_features"] if "pr_features" in z.files else None,)
+        return out
 
 
 # --- feature extraction through clean-fid -------------------------------------------------------------------

@@ -310,3 +310,27 @@ class ImageZipDataset(Dataset):
         i = i % len(self)
         x = torch.from_numpy(self.image(i)).permute(2, 0, 1).to(torch.float32)
         return x / 127.5 - 1.0, self.label(i)
+
+
+class _Uint8Images(Dataset):
+    """Items ``indices[i]`` of a prepared archive as uint8 (3, H, W) tensors: what FID feature extractors read."""
+
+    def __init__(self, dataset: ImageZipDataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return torch.from_numpy(self.dataset.image(self.indices[i])).permute(2, 0, 1).contiguous()
+
+
+def iter_uint8_batches(dataset: ImageZipDataset, indices: list[int], batch_size: int,
+                       num_workers: int | None = None) -> Iterator[Tensor]:
+    """uint8 (B, 3, H, W) batches of the given images, in that order; PNG decoding runs in DataLoader workers
+    (default: up to 8, one core left free) when there are enough images to repay starting them."""
+    if num_workers is None:
+        num_workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if len(indices) >= 20 * batch_size else 0
+    loader = torch.utils.data.DataLoader(_Uint8Images(dataset, indices), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    yield from loader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -88,6 +89,22 @@ class World:
             return x, one_hot(y, self.label_dim)
         raise NotImplementedError(f"load_split is not available for {self.kind} worlds; use ImageZipDataset")
 
+    def reference_batches(self, path: Path, batch_size: int = 500) -> Iterator[Tensor]:
+        """The FID reference set in batches: the held-out split (toy2d, digits; float) or the prepared ImageNet
+        archive as uint8 images, streamed in a fixed shuffled order (seed 0), so any prefix of it (the
+        precision/recall subset, ``ref_images``) spreads over all classes; memory stays bounded."""
+        if self.kind != "imagenet":
+            x, _ = self.load_split(path, "test")
+            yield from x.split(batch_size)
+            return
+        from mct.worlds.imagenet import ImageZipDataset, iter_uint8_batches
+
+        dataset = ImageZipDataset(path, one_hot=False)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        if self.cfg.ref_images:
+            order = order[:self.cfg.ref_images]
+        yield from iter_uint8_batches(dataset, order.tolist(), batch_size)
+
     def build_network(self, arch: str, arch_kwargs: dict) -> EDMPrecond:
         if arch == "mlp":
             from mct.nets.mlp import build_mlp_denoiser
@@ -99,11 +116,25 @@ class World:
 
             return build_digits_denoiser(sigma_data=self.sigma_data, **arch_kwargs)
         if arch == "edm":
+            use_checkpoint = bool(arch_kwargs.get("use_checkpoint", False))
+            if "network" in arch_kwargs:  # EDM's architecture from its constructor kwargs (random weights)
+                from mct.nets.edm import build_network
+
+                net = build_network(arch_kwargs.get("model_type", "DhariwalUNet"),
+                                    **{**arch_kwargs["network"], "use_checkpoint": use_checkpoint})
+                return EDMPrecond(net, sigma_data=float(arch_kwargs.get("sigma_data", 0.5)),
+                                  label_dim=self.label_dim)
             # EDM pickles carry their architecture: a fresh instance is the pickle loaded again (safely).
             from mct.checkpoint import load_edm_pickle
 
-            use_checkpoint = bool(arch_kwargs.get("use_checkpoint", False))
             return load_edm_pickle(arch_kwargs["source"], use_checkpoint=use_checkpoint)["ema"]
+        if arch == "adm":
+            # guided-diffusion's flags of the checkpoint; the VP schedule is its linear one over diffusion_steps.
+            from mct.nets.adm import build_adm_denoiser
+
+            flags = {k: v for k, v in arch_kwargs.items() if k != "use_checkpoint"}
+            return build_adm_denoiser(flags, T=int(flags.get("diffusion_steps", 1000)),
+                                      use_checkpoint=bool(arch_kwargs.get("use_checkpoint", False)))
         raise ValueError(f"arch {arch!r} cannot be built for world {self.name!r}")
 
 

@@ -104,6 +104,27 @@ def one_gpu_if_any(experiment: str) -> int:
     return min(1, experiment_gpus(experiment))
 
 
+def paper_scale(world: str) -> bool:
+    """ImageNet worlds: Inception over 50k samples or the whole training set wants a GPU, memory and hours."""
+    return P.worlds[world].kind == "imagenet"
+
+
+def eval_gpu(world: str) -> int:
+    return 1 if paper_scale(world) else 0
+
+
+def eval_mem_mb(world: str) -> int:
+    return 32000 if paper_scale(world) else 8000
+
+
+def eval_runtime(world: str) -> int:
+    return 720 if paper_scale(world) else 120
+
+
+def teacher_world(teacher: str) -> str:
+    return P.teacher(teacher).world
+
+
 # --- input functions (wildcards -> input files) ----------------------------------------------------------
 
 

@@ -28,11 +28,11 @@ rule ref_stats:
         settings=world_settings,
     log:
         str(LOGS / "ref_stats" / "{world}.log"),
-    threads: 2
+    threads: lambda wc: 8 if paper_scale(wc.world) else 2  # ImageNet: PNG decoding in DataLoader workers
     resources:
-        mem_mb=8000,
-        runtime=60,
-        gpu=0,
+        mem_mb=lambda wc: eval_mem_mb(wc.world),
+        runtime=lambda wc: eval_runtime(wc.world),
+        gpu=lambda wc: eval_gpu(wc.world),
     shell:
         mct("ref-stats --world {wildcards.world}")
 
@@ -48,9 +48,9 @@ rule teacher_eval:
         str(LOGS / "teacher_eval" / "{teacher}.log"),
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=0,
+        mem_mb=lambda wc: eval_mem_mb(teacher_world(wc.teacher)),
+        runtime=lambda wc: eval_runtime(teacher_world(wc.teacher)),
+        gpu=lambda wc: eval_gpu(teacher_world(wc.teacher)),
     shell:
         mct("teacher-eval --teacher {wildcards.teacher}")
 
@@ -66,8 +66,8 @@ rule evaluate:
         str(LOGS / "evaluate" / "{experiment}.log"),
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=lambda wc: eval_mem_mb(P.experiment(wc.experiment).world),
+        runtime=lambda wc: eval_runtime(P.experiment(wc.experiment).world),
         gpu=lambda wc: one_gpu_if_any(wc.experiment),
     shell:
         mct("evaluate --experiment {wildcards.experiment}")

@@ -12,7 +12,7 @@ rule teacher:
         str(LOGS / "teacher" / "{teacher}.log"),
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc: 16000 if P.teacher(wc.teacher).arch == "adm" else 8000,  # 422M params, converted
         runtime=240,
         gpu=0,
     shell:
