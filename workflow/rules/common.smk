@@ -99,6 +99,20 @@ def experiment_gpus(experiment: str) -> int:
     return P.experiment(experiment).distill.gpus
 
 
+CPUS_PER_GPU = 4  # data-free distillation: CPUs only launch kernels and write checkpoints
+HOST_MEM_MB_PER_GPU = 24000  # per process: teacher, generator, score net, EMA and Adam states are staged on the host
+
+
+def distill_threads(experiment: str) -> int:
+    d = P.experiment(experiment).distill
+    return CPUS_PER_GPU * d.gpus if d.gpus else max(2, d.num_processes)
+
+
+def distill_mem_mb(experiment: str) -> int:
+    d = P.experiment(experiment).distill
+    return max(16000, HOST_MEM_MB_PER_GPU * max(d.gpus, d.num_processes))
+
+
 def one_gpu_if_any(experiment: str) -> int:
     """Sampling and evaluation run in one process: one GPU when the experiment trains on GPUs."""
     return min(1, experiment_gpus(experiment))

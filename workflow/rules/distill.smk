@@ -37,9 +37,9 @@ rule distill:
     log:
         str(LOGS / "distill" / "{experiment}.log"),
     retries: 1
-    threads: lambda wc: max(2, P.experiment(wc.experiment).distill.num_processes)
+    threads: lambda wc: distill_threads(wc.experiment)
     resources:
-        mem_mb=16000,
+        mem_mb=lambda wc: distill_mem_mb(wc.experiment),
         runtime=24 * 60,
         gpu=lambda wc: experiment_gpus(wc.experiment),
     shell:  # the log is appended to, so it keeps every attempt
