@@ -20,6 +20,7 @@ from mct.nets.adm import (
     load_adm_state_dict,
     timestep_embedding,
 )
+from tests.test_edm_nets import _randomize  # ADM zero-initialises its output convs too
 
 IMAGENET128_FLAGS = KNOWN_TEACHERS["adm-imagenet-128x128-cond"]["adm_flags"]
 
@@ -31,13 +32,6 @@ TINY_FLAGS = dict(image_size=32, class_cond=True, learn_sigma=True, num_channels
                   use_scale_shift_norm=True, diffusion_steps=1000, noise_schedule="linear")
 
 
-def _randomize(net: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """ADM zero-initialises its output convs; perturb every parameter so that all of them influence the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return net
 
 
 def _tiny(seed: int = 0, **overrides) -> ADMUNet:
@@ -60,12 +54,12 @@ def _inputs(batch: int = 2, res: int = 32, num_classes: int = 10, seed: int = 1)
 @pytest.mark.parametrize("scale_shift", [False, True])
 @pytest.mark.parametrize("updown", [False, True])
 def test_forward_backward_reaches_every_parameter(updown, scale_shift, new_order):
-    net = _tiny(resblock_updown=updown, use_scale_shift_norm=scale_shift, use_new_attention_order=new_order,
-                **({"num_head_channels": 32} if new_order else {}))
-    x, t, y = _inputs()
+    net = _tiny(image_size=64, resblock_updown=updown, use_scale_shift_norm=scale_shift,  # the paper's 64x64
+                use_new_attention_order=new_order, **({"num_head_channels": 32} if new_order else {}))
+    x, t, y = _inputs(res=64)
     x.requires_grad_(True)
     out = net(x, t, y)
-    assert out.shape == (2, 6, 32, 32) and out.dtype == x.dtype and torch.isfinite(out).all()
+    assert out.shape == (2, 6, 64, 64) and out.dtype == x.dtype and torch.isfinite(out).all()
     out.square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     unused = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]

@@ -14,6 +14,7 @@ from mct.cli import main
 from mct.diffusion import ve_sigma_to_vp
 from mct.fetch import linear_alpha_bar
 from mct.nets.adm import ADMUNet, adm_model_kwargs
+from tests.test_edm_nets import _randomize
 
 FLAGS = {"image_size": 16, "class_cond": True, "learn_sigma": True, "num_channels": 32, "num_heads": 2,
          "num_res_blocks": 1, "attention_resolutions": "8", "channel_mult": "1,2", "resblock_updown": True,
@@ -22,10 +23,7 @@ FLAGS = {"image_size": 16, "class_cond": True, "learn_sigma": True, "num_channel
 
 def _adm_state_dict(path) -> dict:
     torch.manual_seed(0)
-    unet = ADMUNet(**adm_model_kwargs(FLAGS))
-    with torch.no_grad():  # ADM zero-initialises its output convs; random weights make the test see every layer
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    unet = _randomize(ADMUNet(**adm_model_kwargs(FLAGS)))  # no zero-initialised layers: the test sees every one
     state = unet.state_dict()
     torch.save(state, path)
     return state

@@ -49,8 +49,8 @@ def _inputs(batch: int, res: int, label_dim: int, seed: int = 1):
 @pytest.mark.parametrize("cls,kwargs", [(DhariwalUNet, SMALL_ADM), (SongUNet, SMALL_DDPMPP)])
 def test_forward_backward_reaches_every_parameter(cls, kwargs):
     torch.manual_seed(0)
-    net = _randomize(cls(**{**kwargs, "img_resolution": 32, "attn_resolutions": (16,)}))
-    x, noise, labels = _inputs(2, 32, 10)
+    net = _randomize(cls(**{**kwargs, "img_resolution": 64, "attn_resolutions": (32,)}))  # the paper's 64x64
+    x, noise, labels = _inputs(2, 64, 10)
     x.requires_grad_(True)
     aug = torch.randn(2, 9) if kwargs.get("augment_dim") else None
     out = net(x, noise, labels, aug)
