@@ -491,6 +491,13 @@ def _tensor_dicts(obj: Any, prefix: str = "") -> list[tuple[str, dict[str, Tenso
     return found
 
 
+def _state_dict_kind(sd: dict[str, Tensor]) -> str | None:
+    """Name a state dict's architecture where its keys say it: guided-diffusion's U-Net (mct.nets.adm)."""
+    if {"time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight"} <= set(sd):
+        return "guided-diffusion UNetModel (mct.nets.adm.ADMUNet)"
+    return None
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Format, sha256, size and the networks in a checkpoint, read through the same safe loaders
     (nothing is executed; refusals raise :class:`UnsafeCheckpointError`).
@@ -504,10 +511,11 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                                 size_bytes=os.path.getsize(path), networks=[], other_keys=[])
     if fmt == "state-dict":
         obj = load_state_checkpoint(path)
-        for key, sd in _tensor_dicts(obj):
-            info["networks"].append(dict(key=key, class_name=None, model_class=None, num_tensors=len(sd),
-                                         num_parameters=sum(t.numel() for t in sd.values())))
-        if isinstance(obj, dict):
+        found = _tensor_dicts(obj)
+        for key, sd in found:
+            info["networks"].append(dict(key=key, class_name=_state_dict_kind(sd), model_class=None,
+                                         num_tensors=len(sd), num_parameters=sum(t.numel() for t in sd.values())))
+        if isinstance(obj, dict) and [k for k, _ in found] != ["<root>"]:
             info["other_keys"] = [str(k) for k, v in obj.items() if not _tensor_dicts(v, str(k))]
         return info
     data = load_pickle_restricted(path)

@@ -47,6 +47,11 @@ def test_adm_state_dict_becomes_a_ve_denoiser_and_distills(tmp_path, monkeypatch
     src = tmp_path / "128x128_diffusion.pt"
     state = _adm_state_dict(src)
     monkeypatch.chdir(tmp_path)
+    from mct.checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(src)  # what `mct inspect-checkpoint` shows a user about the download
+    assert info["networks"][0]["class_name"].startswith("guided-diffusion UNetModel") and info["other_keys"] == []
+    assert info["networks"][0]["num_parameters"] == sum(t.numel() for t in state.values())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(_params(src, sha256_file(src))))
     assert main(["teacher", "--teacher", "adm", "--no-progress"]) == 0
     assert [p.name for p in paths.teacher_file("adm").parent.iterdir()] == ["teacher.pt"]  # download removed
