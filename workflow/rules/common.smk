@@ -110,7 +110,7 @@ def distill_threads(experiment: str) -> int:
 
 def distill_mem_mb(experiment: str) -> int:
     d = P.experiment(experiment).distill
-    return max(16000, HOST_MEM_MB_PER_GPU * max(d.gpus, d.num_processes))
+    return HOST_MEM_MB_PER_GPU * d.gpus if d.gpus else 16000
 
 
 def one_gpu_if_any(experiment: str) -> int:
