@@ -111,7 +111,9 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     gen = build_generator(world, spec, st["sigma_init"], st["generator"], arch_kwargs)
     score = world.build_network(spec["arch"], arch_kwargs)
     score.load_state_dict(st["score"])
-    gen, score = gen.to(device), score.to(device)
+    # Dropout off (eval mode) in both: the E-step's posterior and the M-step's VJP assume one deterministic map
+    # g(z), and the Langevin drift one deterministic score. EDM's ImageNet U-Net records dropout 0.1.
+    gen, score = gen.to(device).eval(), score.to(device).eval()
     ema = copy.deepcopy(gen).requires_grad_(False)
     opt_g = torch.optim.Adam(gen.parameters(), lr=d.lr_g, betas=d.betas_g)
     opt_s = torch.optim.Adam(score.parameters(), lr=d.lr_s, betas=d.betas_s)

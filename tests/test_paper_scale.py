@@ -131,3 +131,34 @@ def test_inspect_checkpoint_cli_shows_and_refuses(tmp_path, monkeypatch, capsys)
     assert main(["inspect-checkpoint", str(bad)]) == 3
     assert "system" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_dropout_is_off_while_distilling(tmp_path):
+    """EDM's ImageNet U-Net records dropout 0.1, but EMD assumes one deterministic generator and score network
+    (the E-step's VJP and the M-step must see the same g): a network's dropout rate must not change a run at all."""
+    from mct.config import parse_params
+    from mct.teacher import denoiser_spec, save_denoiser
+    from mct.train import distill, init_student
+    from mct.worlds.registry import make_world
+
+    raw = _params("unused.pkl", None)
+    params = parse_params(raw)
+    world = make_world("inet", params.worlds["inet"])
+    exp = params.experiment("inet_emd")
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0])
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 7]), 10).float()
+    out = {}
+    for p in (0.0, 0.5):
+        network = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, **{**ADM_KW, "dropout": p})
+        arch_kwargs = {"model_type": "DhariwalUNet", "network": network}
+        torch.manual_seed(0)
+        teacher = _randomize(world.build_network("edm", arch_kwargs))
+        if p > 0:  # the rate is real: in training mode two passes differ
+            assert not torch.equal(teacher.train()(x, sigma, labels), teacher(x, sigma, labels))
+        save_denoiser(tmp_path / f"teacher{p}.pt", teacher, denoiser_spec(world, "edm", arch_kwargs))
+        init_student(world, exp, tmp_path / f"teacher{p}.pt", tmp_path / f"student{p}.pt")
+        distill(world, exp, tmp_path / f"teacher{p}.pt", tmp_path / f"student{p}.pt", tmp_path / f"out{p}",
+                tmp_path / f"work{p}", progress=False)
+        out[p] = torch.load(tmp_path / f"out{p}" / "generator.pt", weights_only=True)["generator"]
+    assert out[0.0].keys() == out[0.5].keys()
+    assert all(torch.equal(out[0.0][k], out[0.5][k]) for k in out[0.0])
