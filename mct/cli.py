@@ -194,8 +194,7 @@ def cmd_teacher_eval(args: argparse.Namespace) -> int:
     params = _params(args)
     tcfg = params.teacher(args.teacher)
     world = _world(params, tcfg.world)
-    rec = evaluate_teacher(world, args.teacher, tcfg, _teacher_path(params, args.teacher),
-                           paths.world_data(world.name, world.kind), _feature_path(world),
+    rec = evaluate_teacher(world, args.teacher, tcfg, _teacher_path(params, args.teacher), _feature_path(world),
                            paths.reference_stats(world.name), args.num or 10000, args.seed,
                            Path(args.out or paths.teacher_metrics(args.teacher)), progress=not args.no_progress)
     print(json.dumps(rec, indent=1))
@@ -210,8 +209,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     world = _world(params, exp.world)
     rec = evaluate_experiment(world, args.experiment, exp, params.teacher(exp.teacher),
                               paths.samples_file(args.experiment), paths.distill_dir(args.experiment),
-                              _teacher_path(params, exp.teacher), paths.world_data(world.name, world.kind),
-                              _feature_path(world), paths.reference_stats(world.name),
+                              _teacher_path(params, exp.teacher), _feature_path(world),
+                              paths.reference_stats(world.name),
                               Path(args.out or paths.experiment_metrics(args.experiment)))
     print(json.dumps(rec, indent=1))
     return 0

@@ -145,14 +145,13 @@ def _teacher_sampler(teacher, world: World, steps: int, sigma_min: float, sigma_
         rng = rng or torch.Generator().manual_seed(0)
         latents = torch.randn((n, *world.data_shape), generator=rng)
         labels = one_hot_labels(n, world.label_dim, rng)
-        with torch.no_grad():
-            x, _ = edm_heun_sample(teacher, latents.to(device), None if labels is None else labels.to(device),
-                                   steps, sigma_min, sigma_max)
+        x, _ = edm_heun_sample(teacher, latents.to(device), None if labels is None else labels.to(device),
+                               steps, sigma_min, sigma_max)
         return x.cpu()
     return run
 
 
-def evaluate_teacher(world: World, name: str, tcfg: TeacherConfig, teacher_path: Path, data: Path,
+def evaluate_teacher(world: World, name: str, tcfg: TeacherConfig, teacher_path: Path,
                      feature_path: Path | None, ref: Path, num_samples: int, seed: int, out: Path,
                      batch_size: int = 1000, progress: bool = False) -> dict[str, Any]:
     device = eval_device()
@@ -172,7 +171,7 @@ def evaluate_teacher(world: World, name: str, tcfg: TeacherConfig, teacher_path:
 
 
 def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: TeacherConfig, samples: Path,
-                        distill_dir: Path, teacher_path: Path, data: Path, feature_path: Path | None, ref: Path,
+                        distill_dir: Path, teacher_path: Path, feature_path: Path | None, ref: Path,
                         out: Path) -> dict[str, Any]:
     device = eval_device()
     acc = FeatureAccumulator(FeatureSpace(world, feature_path, device))

@@ -152,8 +152,8 @@ def ref_stats_inputs(wc) -> dict:
 
 def teacher_eval_inputs(wc) -> dict:
     world = P.teacher(wc.teacher).world
-    return {"teacher": str(paths.teacher_file(wc.teacher)), "data": world_data(world),
-            "features": feature_nets(world), "ref": str(paths.reference_stats(world))}
+    return {"teacher": str(paths.teacher_file(wc.teacher)), "features": feature_nets(world),
+            "ref": str(paths.reference_stats(world))}
 
 
 def experiment_teacher(wc) -> str:
@@ -163,8 +163,8 @@ def experiment_teacher(wc) -> str:
 def evaluate_inputs(wc) -> dict:
     exp = P.experiment(wc.experiment)
     return {"samples": str(paths.samples_file(wc.experiment)), "distill": str(paths.distill_dir(wc.experiment)),
-            "teacher": str(paths.teacher_file(exp.teacher)), "data": world_data(exp.world),
-            "features": feature_nets(exp.world), "ref": str(paths.reference_stats(exp.world))}
+            "teacher": str(paths.teacher_file(exp.teacher)), "features": feature_nets(exp.world),
+            "ref": str(paths.reference_stats(exp.world))}
 
 
 def world_settings(wc) -> str:
