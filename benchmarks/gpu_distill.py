@@ -27,13 +27,11 @@ import yaml
 from mct.config import parse_params
 from mct.diffusion import EDMPrecond
 from mct.io import write_json
-from mct.nets.edm import build_network, count_parameters
+from mct.nets.edm import ADM_IMAGENET64, build_network, count_parameters
 from mct.teacher import denoiser_spec, save_denoiser
 from mct.train import distill, init_student
 from mct.worlds.registry import make_world
 
-# EDM's ImageNet-64 network (edm-imagenet-64x64-cond-adm.pkl): DhariwalUNet's defaults at 64x64, 1000 classes.
-REAL_NETWORK = {"img_resolution": 64, "in_channels": 3, "out_channels": 3, "label_dim": 1000}
 TINY_NETWORK = {"img_resolution": 16, "in_channels": 3, "out_channels": 3, "label_dim": 10, "model_channels": 32,
                 "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8]}
 
@@ -60,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     params = parse_params(raw)
     mp = params.experiment("bench").distill.mixed_precision
     world = make_world("bench", params.worlds["bench"])
-    network = TINY_NETWORK if args.tiny else REAL_NETWORK
+    network = TINY_NETWORK if args.tiny else dict(ADM_IMAGENET64)
     arch_kwargs = {"model_type": "DhariwalUNet", "network": network, "sigma_data": 0.5}
     torch.manual_seed(0)
     teacher = EDMPrecond(build_network("DhariwalUNet", **network), sigma_data=0.5, label_dim=world.label_dim)

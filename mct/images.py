@@ -12,12 +12,17 @@ from torch import Tensor
 from mct.io import atomic_path
 
 
+def quantize(x: Tensor) -> Tensor:
+    """[-1, 1] float -> uint8 of the same shape and device, as EDM saves images: (x * 127.5 + 128).clip(0, 255),
+    truncated."""
+    return (x.detach().float() * 127.5 + 128.0).clip(0, 255).to(torch.uint8)
+
+
 def to_uint8(x: Tensor) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC, rounding as EDM does: (x * 127.5 + 128).clip(0, 255), truncated."""
+    """[-1, 1] NCHW float -> uint8 NHWC numpy (:func:`quantize`)."""
     if x.ndim != 4:
         raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
-    u8 = (x.detach().float() * 127.5 + 128.0).clip(0, 255).to(torch.uint8)
-    return u8.permute(0, 2, 3, 1).cpu().numpy()
+    return quantize(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_grid(images: Tensor, nrow: int, upscale: int = 4) -> PIL.Image.Image:

@@ -55,8 +55,6 @@ def import_adm_teacher(raw: Path, world: World, flags: dict[str, Any], out: Path
     from mct.nets.adm import load_adm_state_dict
 
     state = load_state_checkpoint(raw)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{raw}: expected a guided-diffusion state dict, found {type(state).__name__}")
     denoiser = world.build_network("adm", flags)

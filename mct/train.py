@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mct.config import ExperimentConfig
 from mct.emd import Generator, langevin_estep, mstep_loss, score_dsm_loss
+from mct.images import quantize
 from mct.io import atomic_path, load_torch, save_torch, write_json
 from mct.teacher import ema_update, load_denoiser
 from mct.worlds.registry import World
@@ -280,7 +281,7 @@ def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_di
              ) -> tuple[Tensor, Tensor | None]:
     """n one-step samples. Batch j draws its z and labels from a generator seeded with (seed, j), so the set is the
     same whatever the number of processes: ``shard=(rank, world)`` makes the batches j = rank mod world.
-    ``uint8`` quantises each image batch as EDM saves images (x * 127.5 + 128, clipped), a quarter of the memory."""
+    ``uint8`` quantises each image batch as EDM saves images (:func:`mct.images.quantize`): a quarter of the memory."""
     rank, world_size = shard
     gen = gen.to(device).eval()
     xs, ys = [], []
@@ -292,7 +293,7 @@ def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_di
         z = torch.randn((m, *shape), generator=rng, device=device)
         labels = one_hot_labels(m, label_dim, rng, device)
         x = gen(z, labels)
-        xs.append(torch.clamp(x * 127.5 + 128.0, 0, 255).to(torch.uint8).cpu() if uint8 else x.cpu())
+        xs.append(quantize(x).cpu() if uint8 else x.cpu())
         if labels is not None:
             ys.append(labels.argmax(1).cpu())
     if not xs:

@@ -132,9 +132,7 @@ class World:
             # guided-diffusion's flags of the checkpoint; the VP schedule is its linear one over diffusion_steps.
             from mct.nets.adm import build_adm_denoiser
 
-            flags = {k: v for k, v in arch_kwargs.items() if k != "use_checkpoint"}
-            return build_adm_denoiser(flags, T=int(flags.get("diffusion_steps", 1000)),
-                                      use_checkpoint=bool(arch_kwargs.get("use_checkpoint", False)))
+            return build_adm_denoiser(arch_kwargs, T=int(arch_kwargs.get("diffusion_steps", 1000)))
         raise ValueError(f"arch {arch!r} cannot be built for world {self.name!r}")
 
 
