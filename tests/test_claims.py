@@ -1,0 +1,119 @@
+"""The claims engine on synthetic per-seed records with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from mct.claims import CLAIMS, Claim, effect_text, evaluate_claim, evaluate_claims, t_interval, verdict
+
+T_975_3 = 3.182446305284263  # Student t, 97.5 % quantile, 3 degrees of freedom
+
+
+def records(rows: list[tuple[str, int, dict]]) -> pd.DataFrame:
+    return pd.DataFrame([{"experiment": e, "seed": s, **m} for e, s, m in rows])
+
+
+def paired(diffs: list[float], base: float = 10.0) -> pd.DataFrame:
+    """A and B on seeds 0..n-1 with metric(A) - metric(B) = diffs (B varies per seed: pairing must cancel it)."""
+    rows = []
+    for s, d in enumerate(diffs):
+        rows += [("A", s, {"m": base + s + d}), ("B", s, {"m": base + s})]
+    return records(rows)
+
+
+def claim(better: str, kind: str = "paired", compare=("A", "B")) -> Claim:
+    return Claim("c", "a claim", "m", better, {"w": compare}, kind=kind)
+
+
+def test_t_interval_known_values():
+    mean, sd, lo, hi = t_interval([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and sd == pytest.approx(math.sqrt(5 / 3))
+    half = T_975_3 * math.sqrt(5 / 3) / 2
+    assert (lo, hi) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-12)
+    assert math.isnan(t_interval([3.0])[2]) and t_interval([3.0])[0] == 3.0
+
+
+def test_paired_difference_interval_and_direction():
+    data = paired([1.0, 2.0, 3.0, 4.0])
+    half = T_975_3 * math.sqrt(5 / 3) / 2
+    up = evaluate_claim(claim("higher"), "w", data)
+    assert (up.n, up.mean, up.sd) == (4, 2.5, pytest.approx(math.sqrt(5 / 3)))
+    assert (up.lo, up.hi) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-12)
+    assert up.verdict == "reproduced" and not up.opposite
+    down = evaluate_claim(claim("lower"), "w", data)  # the same data against the opposite claim
+    assert down.verdict == "contradicted" and down.opposite
+    # Swapping A and B flips the sign of the effect and, for the same claim, the verdict.
+    assert evaluate_claim(claim("higher", compare=("B", "A")), "w", data).verdict == "contradicted"
+    assert evaluate_claim(claim("lower", compare=("B", "A")), "w", data).verdict == "reproduced"
+
+
+def test_interval_across_zero_is_inconclusive():
+    r = evaluate_claim(claim("lower"), "w", paired([-1.0, 1.0, -0.5, 0.6]))
+    assert r.lo < 0 < r.hi and r.verdict == "inconclusive" and r.label == "inconclusive"
+
+
+def test_one_seed_is_inconclusive_whatever_the_difference():
+    r = evaluate_claim(claim("lower"), "w", paired([-100.0]))
+    assert (r.n, r.mean, r.lo, r.hi) == (1, -100.0, None, None)
+    assert r.verdict == "inconclusive" and r.label == "inconclusive (n=1)"
+    assert effect_text(r) == "-100"
+
+
+def test_only_shared_seeds_are_paired():
+    data = pd.concat([paired([1.0, 2.0, 3.0, 4.0]),
+                      records([("A", 7, {"m": 0.0}), ("B", 8, {"m": 99.0}), ("B", 9, {"m": None})])])
+    r = evaluate_claim(claim("higher"), "w", data)
+    assert r.n == 4 and r.mean == 2.5
+
+
+def test_zero_spread_decides_by_sign():
+    assert evaluate_claim(claim("higher"), "w", paired([2.0, 2.0, 2.0])).verdict == "reproduced"
+    assert evaluate_claim(claim("higher"), "w", paired([0.0, 0.0])).verdict == "inconclusive"
+
+
+def test_slope_claim_per_seed_fit_in_log2_k():
+    rows = []
+    for s, slope in enumerate([-1.8, -2.0, -2.2]):  # metric = 5 + slope * log2 K + seed offset
+        rows += [(f"k{k}", s, {"m": 5.0 + s + slope * math.log2(k), "K": k}) for k in (2, 4, 8, 16)]
+    data = records(rows)
+    sweep = ("k2", "k4", "k8", "k16")
+    r = evaluate_claim(claim("lower", kind="slope", compare=sweep), "w", data)
+    half = 4.302652729911275 * 0.2 / math.sqrt(3)  # t_{0.975, 2} * sd / sqrt(n), sd = 0.2
+    assert r.n == 3 and r.mean == pytest.approx(-2.0)
+    assert (r.lo, r.hi) == pytest.approx((-2.0 - half, -2.0 + half))
+    assert r.verdict == "reproduced"
+    assert evaluate_claim(claim("higher", kind="slope", compare=sweep), "w", data).verdict == "contradicted"
+
+
+def test_linear_claim_needs_a_good_fit():
+    ks = (1, 2, 4, 8, 16)
+    lin = records([(f"k{k}", s, {"m": 0.1 * (1 + s / 10) + 0.01 * k * (1 + s / 10), "K": k})
+                   for s in range(3) for k in ks])
+    sweep = tuple(f"k{k}" for k in ks)
+    r = evaluate_claim(claim("higher", kind="linear", compare=sweep), "w", lin)
+    assert r.mean == pytest.approx(0.011) and r.extra["r2"] == pytest.approx(1.0)
+    assert r.verdict == "reproduced"
+    expo = records([(f"k{k}", s, {"m": 2.0 ** k * (1 + s / 10), "K": k}) for s in range(3) for k in ks])
+    r = evaluate_claim(claim("higher", kind="linear", compare=sweep), "w", expo)
+    assert r.lo > 0 and r.extra["r2"] < 0.9 and r.verdict == "inconclusive"
+
+
+def test_verdict_rejects_unknown_direction():
+    with pytest.raises(ValueError):
+        verdict(1.0, 2.0, 3, "sideways")
+
+
+def test_paper_claims_on_one_seed_records_are_inconclusive():
+    """Today's metrics hold one seed per experiment: every claim the records can test says n=1."""
+    names = sorted({e for c in CLAIMS for comp in c.compare.values() for e in comp})
+    data = records([(e, 0, {"fid": 1.0 + i, "recall": 0.5, "modes_covered": 20, "K": 2 ** (1 + i % 4),
+                            "sec_per_iter": 0.01 * (1 + i % 4)}) for i, e in enumerate(names)])
+    results = evaluate_claims(CLAIMS, data)
+    assert {(r.claim.key, r.world) for r in results} == {(c.key, w) for c in CLAIMS for w in c.compare}
+    assert {r.label for r in results} == {"inconclusive (n=1)"}
+    assert evaluate_claims(CLAIMS, data, worlds=["digits"]) and all(
+        r.world == "digits" for r in evaluate_claims(CLAIMS, data, worlds=["digits"]))
+    assert evaluate_claims(CLAIMS, data[data.experiment != "toy2d_di"], worlds=["toy2d"])  # others remain
