@@ -16,61 +16,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mct.config import ExperimentConfig
-from mct.emd import Generator, langevin_estep, mstep_loss, score_dsm_loss
-from mct.images import quantize
-from mct.io import atomic_path, load_torch, save_torch, write_json
-from mct.teacher import ema_update, load_denoiser
+from mct.ema import ema_update
+from mct.emd import langevin_estep, mstep_loss, score_dsm_loss
+from mct.io import atomic_dir, load_torch, save_torch, write_json
+from mct.resume import load_latest, non_finite, save_state, state_path
+from mct.student import build_generator, one_hot_labels
+from mct.teacher import load_denoiser
 from mct.worlds.registry import World
 
 
 class DivergenceError(RuntimeError):
     """A non-finite loss or parameter: the run stops and the last good checkpoint is kept."""
-
-
-def one_hot_labels(n: int, label_dim: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor | None:
-    """Uniform class labels drawn from ``rng`` (deterministic given its state), one-hot; None if unconditional."""
-    if label_dim == 0:
-        return None
-    idx = torch.randint(0, label_dim, (n,), generator=rng, device=device)
-    return torch.nn.functional.one_hot(idx, label_dim).float()
-
-
-# --- student initialisation ------------------------------------------------------------------------------
-
-
-def init_student(world: World, exp: ExperimentConfig, teacher_path: Path, out: Path) -> dict[str, Any]:
-    """Generator = copy of the teacher ('teacher') or re-initialised ('scratch'); score network = teacher copy."""
-    teacher, spec = load_denoiser(teacher_path, world)
-    gen_net = copy.deepcopy(teacher)
-    if exp.student.init == "scratch":
-        from mct.nets.conv import reset_parameters
-
-        torch.manual_seed(exp.distill.seed)
-        reset_parameters(gen_net)
-    sigma_init = exp.student.resolved_sigma()
-    save_torch({"format": "mct-student-v1", "spec": spec, "sigma_init": sigma_init, "init": exp.student.init,
-                "generator": gen_net.state_dict(), "score": teacher.state_dict()}, out)
-    return {"sigma_init": sigma_init, "init": exp.student.init}
-
-
-def build_generator(world: World, spec: dict[str, Any], sigma_init: float, state: dict[str, Tensor],
-                    arch_kwargs: dict[str, Any] | None = None) -> Generator:
-    """The generator around a fresh network of the recorded architecture, with ``state`` loaded."""
-    gen = Generator(world.build_network(spec["arch"], arch_kwargs or spec["arch_kwargs"]), sigma_init)
-    gen.denoiser.load_state_dict(state)
-    return gen
-
-
-def load_generator(path: Path, world: World, key: str = "generator") -> Generator:
-    """Generator from a student-init file ('generator') or a distill output ('ema' / 'generator')."""
-    ckpt = load_torch(path)
-    if ckpt.get("format") not in ("mct-student-v1", "mct-generator-v1"):
-        raise ValueError(f"{path}: not an mct student or generator file (format {ckpt.get('format')!r})")
-    return build_generator(world, ckpt["spec"], ckpt["sigma_init"], ckpt[key])
 
 
 # --- the loop ----------------------------------------------------------------------------------------------
@@ -96,6 +57,10 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     """
     d = exp.distill
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=d.mixed_precision)
+    if acc.num_processes != d.num_processes:  # e.g. a launcher that started one process where N were asked for
+        raise RuntimeError(f"distill.num_processes is {d.num_processes} but {acc.num_processes} process(es) started; "
+                           "refusing to run with another global batch (launch with `accelerate launch --multi_gpu "
+                           f"--num_processes {d.num_processes} -m mct.cli distill ...`)")
     device = acc.device
     work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -120,34 +85,25 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     opt_s = torch.optim.Adam(score.parameters(), lr=d.lr_s, betas=d.betas_s)
     rng = torch.Generator(device=device).manual_seed(d.seed * 1_000_003 + acc.process_index)
 
-    ckpt_path = work_dir / "checkpoint.pt"
-    rng_path = work_dir / f"rng.rank{acc.process_index}.pt"
     fingerprint = run_fingerprint(exp, teacher_path, student_path)
-    start = 0
-    ck = load_torch(ckpt_path) if ckpt_path.exists() else None
-    if ck is not None and ck.get("fingerprint") != fingerprint:
-        # Settings or inputs changed since this state was saved: resuming would mix two runs.
-        if acc.is_main_process:
-            print(f"distill: discarding resume state in {work_dir} (settings or inputs changed)")
-            for stale in [ckpt_path, work_dir / "log.jsonl", *work_dir.glob("rng.rank*.pt")]:
-                stale.unlink(missing_ok=True)
-        acc.wait_for_everyone()
-        ck = None
-    if ck is not None:
+    # The newest verified state of this run (mct.resume: corrupt ones are set aside, another run's discarded).
+    loaded = load_latest(work_dir, fingerprint, acc.num_processes, acc.is_main_process, acc.wait_for_everyone)
+    start, log_lines, last_good = 0, [], None
+    if loaded is not None:
+        ck = loaded.state
         gen.load_state_dict(ck["generator"])
         score.load_state_dict(ck["score"])
         ema.load_state_dict(ck["ema"])
         opt_g.load_state_dict(ck["opt_g"])
         opt_s.load_state_dict(ck["opt_s"])
-        rng.set_state(load_torch(rng_path)["rng"])
-        start = int(ck["step"])
+        rng.set_state(ck["rng"][acc.process_index])
+        start, log_lines, last_good = loaded.step, list(ck["log"]), loaded.path
     gen_p, score_p, opt_g, opt_s = acc.prepare(gen, score, opt_g, opt_s)
     gen_raw, score_raw = acc.unwrap_model(gen_p), acc.unwrap_model(score_p)
 
-    log_path = work_dir / "log.jsonl"
-    # keep only what the checkpoint covers, so a resumed log has no duplicate steps
-    records = [r for r in _read_log(log_path) if r["iteration"] < start]
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    log_path = work_dir / "log.jsonl"  # a live mirror of the log; the state holds the lines it covers
+    if acc.is_main_process:
+        log_path.write_text("".join(log_lines))
     log_file = open(log_path, "a")  # noqa: SIM115 - kept open for the whole loop
 
     langevin = d.langevin()
@@ -198,7 +154,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
             if not (math.isfinite(loss_g.item()) and math.isfinite(loss_s.item()) and math.isfinite(gn_g)):
                 raise DivergenceError(
                     f"distillation diverged at iteration {it}: loss_g={loss_g.item()}, loss_s={loss_s.item()}, "
-                    f"grad_norm_g={gn_g}; the last good checkpoint is kept at {ckpt_path}")
+                    f"grad_norm_g={gn_g}; {_last_good(last_good)}")
             opt_g.step()
             ema_update(ema, gen_raw, d.ema_decay)
             _sync(device)
@@ -210,17 +166,16 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                    "z_shift": float((res.z - z0).flatten(1).norm(dim=1).mean()),
                    "t_score": t1 - t0, "t_estep": t2 - t1, "t_mstep": t3 - t2}
             if acc.is_main_process:
-                log_file.write(json.dumps(rec) + "\n")
+                log_lines.append(json.dumps(rec) + "\n")
+                log_file.write(log_lines[-1])
             done = it + 1
             if done % d.checkpoint_every == 0 or done == d.iterations:
                 log_file.flush()
-                acc.wait_for_everyone()
-                save_torch({"rng": rng.get_state()}, rng_path)
-                if acc.is_main_process:
-                    save_torch({"step": done, "fingerprint": fingerprint,
-                                "generator": gen_raw.state_dict(), "score": score_raw.state_dict(),
-                                "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_s": opt_s.state_dict()},
-                               ckpt_path)
+                last_good = _checkpoint(acc, work_dir, last_good, {
+                    "step": done, "fingerprint": fingerprint, "world_size": acc.num_processes,
+                    "rng": gather_object([rng.get_state()]), "log": list(log_lines),
+                    "generator": gen_raw.state_dict(), "score": score_raw.state_dict(), "ema": ema.state_dict(),
+                    "opt_g": opt_g.state_dict(), "opt_s": opt_s.state_dict()})
             if stop_after is not None and done >= stop_after:
                 return {"stopped_at": done}
     finally:
@@ -228,7 +183,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         bar.close()
 
     seconds = time.perf_counter() - t_run
-    records = _read_log(log_path)
+    records = [json.loads(line) for line in log_lines] if acc.is_main_process else _read_log(log_path)
     summary = {
         "experiment_method": exp.method_name, "iterations": d.iterations, "K": d.K, "space": d.space,
         "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial, "seconds_this_run": round(seconds, 2),
@@ -239,14 +194,33 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         "langevin": asdict(langevin),
     }
     if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_torch({"format": "mct-generator-v1", "spec": spec, "sigma_init": st["sigma_init"],
-                    "ema": _denoiser_state(ema),
-                    "generator": _denoiser_state(gen_raw)}, out_dir / "generator.pt")
-        with atomic_path(out_dir / "log.jsonl") as tmp:
-            tmp.write_text(log_path.read_text())
-        write_json(summary, out_dir / "summary.json")
+        with atomic_dir(out_dir) as tmp:  # the outputs appear together, or not at all
+            save_torch({"format": "mct-generator-v1", "spec": spec, "sigma_init": st["sigma_init"],
+                        "ema": _denoiser_state(ema),
+                        "generator": _denoiser_state(gen_raw)}, tmp / "generator.pt")
+            (tmp / "log.jsonl").write_text("".join(log_lines))
+            write_json(summary, tmp / "summary.json")
     return summary
+
+
+def _last_good(path: Path | None) -> str:
+    if path is None:
+        return "no checkpoint of this run has been written, so a rerun starts from scratch"
+    return f"the last good checkpoint is {path} (a rerun resumes from it)"
+
+
+def _checkpoint(acc: Accelerator, work_dir: Path, last_good: Path | None, state: dict[str, Any]) -> Path:
+    """Save one resume state (the main process writes it; every rank's RNG state is in it) and return its path.
+
+    Every rank checks finiteness on the same (replicated) tensors, so all refuse together: a non-finite state is
+    never written, and the divergence stop names the last state that was."""
+    bad = non_finite(state)
+    if bad:
+        raise DivergenceError(f"distillation diverged before step {state['step']}: {bad} is not finite; "
+                              f"{_last_good(last_good)}")
+    path = save_state(work_dir, state) if acc.is_main_process else state_path(work_dir, state["step"])
+    acc.wait_for_everyone()
+    return path
 
 
 def run_fingerprint(exp: ExperimentConfig, teacher_path: Path, student_path: Path) -> str:
@@ -274,29 +248,3 @@ def _mean_tail(values: list[float], n: int = 50) -> float:
     tail = values[-n:]
     return float(sum(tail) / len(tail)) if tail else float("nan")
 
-
-@torch.no_grad()
-def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_dim: int, batch_size: int = 1000,
-             device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1), uint8: bool = False
-             ) -> tuple[Tensor, Tensor | None]:
-    """n one-step samples. Batch j draws its z and labels from a generator seeded with (seed, j), so the set is the
-    same whatever the number of processes: ``shard=(rank, world)`` makes the batches j = rank mod world.
-    ``uint8`` quantises each image batch as EDM saves images (:func:`mct.images.quantize`): a quarter of the memory."""
-    rank, world_size = shard
-    gen = gen.to(device).eval()
-    xs, ys = [], []
-    for j, start in enumerate(range(0, n, batch_size)):
-        if j % world_size != rank:
-            continue
-        rng = torch.Generator(device=device).manual_seed(seed * 1_000_003 + j)
-        m = min(batch_size, n - start)
-        z = torch.randn((m, *shape), generator=rng, device=device)
-        labels = one_hot_labels(m, label_dim, rng, device)
-        x = gen(z, labels)
-        xs.append(quantize(x).cpu() if uint8 else x.cpu())
-        if labels is not None:
-            ys.append(labels.argmax(1).cpu())
-    if not xs:
-        empty_y = torch.empty(0, dtype=torch.long) if label_dim else None
-        return torch.empty((0, *shape), dtype=torch.uint8 if uint8 else torch.float32), empty_y
-    return torch.cat(xs), (torch.cat(ys) if ys else None)
