@@ -213,8 +213,8 @@ def test_gpu_experiments_launch_through_accelerate(smoke_copy):
     root, text, gpu_exp, cpu_exp = smoke_copy
     jobs = parse_dry_run(text)
     assert jobs[("distill", gpu_exp)].command == (
-        f"accelerate launch --num_processes 2 -m mct.cli distill --experiment {gpu_exp} --work runs/work/{gpu_exp} "
-        "--params params.yaml --no-progress")
+        f"accelerate launch --multi_gpu --num_processes 2 -m mct.cli distill --experiment {gpu_exp} "
+        f"--work runs/work/{gpu_exp} --params params.yaml --no-progress")
     assert jobs[("distill", cpu_exp)].command.startswith(f"mct distill --experiment {cpu_exp} ")
     dvc_vars = load_dvc_vars()  # dvc.yaml's distill command starts with the launcher of workflow/dvc_vars.py
     params = load_params(root / "params.yaml")
@@ -265,4 +265,4 @@ def test_paper_scale_suite_plans_the_same_dag_in_both_engines(tmp_path, suite, e
     assert sorted(smk, key=str) == sorted(dvc, key=str)
     assert {k: v for k, v in smk.items()} == dvc
     assert ("distill", experiment) in smk and ("ref_stats", suite) in smk
-    assert smk[("distill", experiment)].command.startswith("accelerate launch --num_processes 8")
+    assert smk[("distill", experiment)].command.startswith("accelerate launch --multi_gpu --num_processes 8")

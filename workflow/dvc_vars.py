@@ -37,8 +37,10 @@ HEADER = """\
 def distill_launcher(params: Params, experiment: str) -> str:
     """Same rule as workflow/rules/common.smk: accelerate for GPUs or several processes, else the console script."""
     d = params.experiment(experiment).distill
-    if d.gpus > 0 or d.num_processes > 1:
-        return f"accelerate launch --num_processes {d.num_processes} -m mct.cli"
+    if d.num_processes > 1:  # --multi_gpu: N processes (torchrun) on GPU and CPU hosts; without it a CPU host gets 1
+        return f"accelerate launch --multi_gpu --num_processes {d.num_processes} -m mct.cli"
+    if d.gpus > 0:
+        return "accelerate launch --num_processes 1 -m mct.cli"
     return "mct"
 
 

@@ -90,8 +90,10 @@ def distill_launcher(experiment: str) -> str:
     """accelerate for GPU or multi-process runs; the plain console script for one CPU process.
     (workflow/dvc_vars.py applies the same rule for dvc.yaml; tests/test_dag.py checks both.)"""
     d = P.experiment(experiment).distill
-    if d.gpus > 0 or d.num_processes > 1:
-        return f"accelerate launch --num_processes {d.num_processes} -m mct.cli"
+    if d.num_processes > 1:  # --multi_gpu: N processes (torchrun) on GPU and CPU hosts; without it a CPU host gets 1
+        return f"accelerate launch --multi_gpu --num_processes {d.num_processes} -m mct.cli"
+    if d.gpus > 0:
+        return "accelerate launch --num_processes 1 -m mct.cli"
     return "mct"
 
 
