@@ -264,6 +264,77 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+# --- allocation budget ------------------------------------------------------------------------------
+
+# A pickle can ask a constructor for memory of any size in a few bytes (``bytearray(2_000_000_000)`` is 38 bytes).
+# Honest checkpoints never size a container by an integer argument: bytes come from the file's own data and
+# numpy arrays are reconstructed empty, then filled from it. So every allocation a pickle can request is held
+# to a budget proportional to the file: BUDGET_FACTOR times its size plus BUDGET_FLOOR (a list built from a
+# budget-sized bytearray costs 8 bytes per element, so the worst case stays a small multiple of the budget).
+BUDGET_FACTOR = 4
+BUDGET_FLOOR = 1 << 20
+
+
+def allocation_budget(file_size: int) -> int:
+    return BUDGET_FACTOR * max(0, file_size) + BUDGET_FLOOR
+
+
+def _file_size(f: BinaryIO) -> int:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pos = f.tell()
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(pos)
+        return size
+
+
+def _refuse_size(what: str, n: int, budget: int) -> None:
+    raise UnsafeCheckpointError(f"the pickle asks for {what} of size {n:,}, beyond this file's allocation budget "
+                                f"of {budget:,}; refusing it (a memory bomb?)")
+
+
+def _sized_builtin(cls: type) -> Any:
+    """``cls`` (bytes, bytearray, list, ...) refusing an integer size or an argument longer than the budget."""
+
+    def bounded(budget: int) -> Any:
+        def make(*args: Any) -> Any:
+            if args:
+                a = args[0]
+                if isinstance(a, int) and not isinstance(a, bool):
+                    n = a if cls in (bytes, bytearray) else 0  # bytes(n): n zero bytes; str(n) is small
+                else:
+                    n = len(a) if hasattr(a, "__len__") else 0
+                if n > budget:
+                    _refuse_size(cls.__name__, n, budget)
+            return cls(*args)
+
+        return make
+
+    return bounded
+
+
+def _bounded_np_reconstruct(budget: int) -> Any:
+    def make(subtype: Any, shape: Any, dtype: Any) -> Any:
+        dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+        if not all(isinstance(d, int) and d >= 0 for d in dims):
+            raise UnsafeCheckpointError(f"numpy array of shape {shape!r} refused")
+        n = int(np.prod([*dims, 1], dtype=object)) * max(1, getattr(np.dtype(dtype), "itemsize", 1))
+        if n > budget:
+            _refuse_size("a numpy array (bytes)", n, budget)
+        return _np_reconstruct(subtype, shape, dtype)
+
+    return make
+
+
+_SIZED: dict[tuple[str, str], Any] = {
+    **{("builtins", t.__name__): _sized_builtin(t) for t in (bytes, bytearray, list, tuple, set, frozenset, dict,
+                                                             str)},
+    **{(m, "_reconstruct"): _bounded_np_reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+}
+
+
 # BUILD (setstate) is allowed only on fresh instances of these types, never on an allow-listed class or
 # function itself: a crafted BUILD could otherwise setattr on them and change them for the whole process.
 _BUILDABLE = (_TorchModuleStub, _EasyDict, collections.OrderedDict, np.dtype, np.ndarray)
@@ -277,7 +348,13 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
+    def __init__(self, f: BinaryIO, budget: int | None = None) -> None:
+        super().__init__(f)
+        self.budget = allocation_budget(_file_size(f)) if budget is None else budget
+
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SIZED:
+            return _SIZED[(module, name)](self.budget)
         try:
             return SAFE_GLOBALS[(module, name)]
         except KeyError:
@@ -309,7 +386,8 @@ def _finalize(obj: Any) -> Any:
 
 
 def restricted_load(f: BinaryIO) -> Any:
-    """Unpickle from an open binary file with :class:`RestrictedUnpickler`."""
+    """Unpickle from an open binary file with :class:`RestrictedUnpickler` (allocations within
+    :func:`allocation_budget` of the file's size)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
         try:
@@ -388,6 +466,11 @@ def _network_from_record(rec: PersistentRecord, use_checkpoint: bool) -> nn.Modu
         channels = int(pk["img_channels"])
         mk.update(img_resolution=pk["img_resolution"], in_channels=channels, label_dim=label_dim,
                   out_channels=channels * (2 if rec.class_name == "iDDPMPrecond" else 1))
+    with torch.device("meta"):  # recorded sizes are the file's word: compare shapes before allocating anything
+        probe = build_network(model_type, **{**mk, "use_checkpoint": use_checkpoint})
+        holder = nn.Module()
+        holder.model = probe  # names as in the record: model.<...>
+    load_state_strict(holder, model_rec.state_dict("model."), where=f"{rec.class_name} record")  # meta: shapes only
     model = build_network(model_type, **{**mk, "use_checkpoint": use_checkpoint})
 
     if rec.class_name == "EDMPrecond":
