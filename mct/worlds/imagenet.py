@@ -37,6 +37,12 @@ class DatasetError(ValueError):
     """A source folder/zip or a prepared archive is not usable; the message names what and where."""
 
 
+# Pixel budget of one image, decoded or resized (2**26 pixels: 192 MiB as RGB; the largest ImageNet photos have
+# about 2**24). Checked from the header before decoding, and before the crop's resize, whose output grows with the
+# aspect ratio: a 1x200,000 PNG is 372 bytes zipped, and resized to a short side of 64 it would be 12,800,000x64.
+MAX_PIXELS = 1 << 26
+
+
 @functools.cache
 def _image_extensions() -> frozenset[str]:
     PIL.Image.init()  # registers every plugin's extensions
@@ -80,6 +86,8 @@ def center_crop_dhariwal(img: PIL.Image.Image, resolution: int) -> np.ndarray:
     while min(img.size) >= 2 * resolution:
         img = img.resize((img.width // 2, img.height // 2), resample=PIL.Image.Resampling.BOX)
     scale = resolution / min(img.size)
+    check_pixels(round(img.width * scale), round(img.height * scale), f"the crop's resize of a {img.width}x"
+                 f"{img.height} image")
     img = img.resize((round(img.width * scale), round(img.height * scale)), resample=PIL.Image.Resampling.BICUBIC)
     arr = np.asarray(img)
     top = (arr.shape[0] - resolution) // 2
@@ -119,14 +127,22 @@ class ImageSource:
         for dirpath, dirnames, filenames in os.walk(self.source):
             dirnames.sort()
             rel = os.path.relpath(dirpath, self.source).replace(os.sep, "/")
-            out += [f if rel == "." else f"{rel}/{f}" for f in filenames if is_image_name(f)]
+            # regular files only: a FIFO, socket or device named like an image would block or never end
+            out += [f if rel == "." else f"{rel}/{f}" for f in filenames
+                    if is_image_name(f) and os.path.isfile(os.path.join(dirpath, f))]
         return sorted(out)
 
     def _labels(self, meta_text: str | None) -> tuple[list[int], list[str] | None]:
         # An existing dataset.json (e.g. an EDM archive as input) wins, as in EDM's dataset_tool.
         meta = json.loads(meta_text) if meta_text else {}
         if meta.get("labels") is not None:
-            table = {name: int(label) for name, label in meta["labels"]}
+            table = {}
+            for entry in meta["labels"]:
+                if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], int)
+                        and not isinstance(entry[1], bool)):
+                    raise DatasetError(f"{self.source}: dataset.json labels must be [name, integer] pairs, "
+                                       f"got {entry!r:.80}")
+                table[entry[0]] = entry[1]
             missing = [n for n in self.names if n not in table]
             if missing:
                 raise DatasetError(f"{self.source}: dataset.json has no label for {missing[0]} "
@@ -154,11 +170,22 @@ class ImageSource:
             yield lambda name: z.open(name, "r")
 
 
+def check_pixels(width: int, height: int, what: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise DatasetError(f"{what}: {width}x{height} pixels exceed the budget of {MAX_PIXELS:,} "
+                           "(mct.worlds.imagenet.MAX_PIXELS); refusing to decode it (a decompression bomb?)")
+
+
 def _load_rgb(f: BinaryIO, name: str, source: Path) -> PIL.Image.Image:
     try:
-        img = PIL.Image.open(f)
+        img = PIL.Image.open(f)  # reads the header only
+        check_pixels(*img.size, f"image {name} in {source}")
         img.load()  # decode now, so a truncated file fails here, naming the file
         return img.convert("RGB")
+    except PIL.Image.DecompressionBombError as e:
+        raise DatasetError(f"image {name} in {source}: refused as a decompression bomb ({e})") from e
+    except DatasetError:
+        raise
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"cannot read image {name} in {source}: {e}") from e
 
@@ -178,11 +205,13 @@ class PreparedDataset:
 
 
 def prepare_imagenet(source: str | Path, dest: str | Path, resolution: int | tuple[int, int] = 64, *,
-                     max_images: int | None = None, progress: bool = True) -> PreparedDataset:
+                     max_images: int | None = None, progress: bool = True,
+                     num_classes: int | None = None) -> PreparedDataset:
     """Convert an ImageFolder tree or zip into an EDM dataset zip at ``dest`` (center-crop-dhariwal).
 
     The first ``max_images`` images in sorted name order are used (EDM's rule); class indices always come
-    from all class folders, so they do not depend on ``max_images``.
+    from all class folders, so they do not depend on ``max_images``. Every label must lie in [0, ``num_classes``)
+    (the world's class count; else [0, number of class names] when the source names its classes).
     """
     res = check_resolution(resolution)
     if max_images is not None and (isinstance(max_images, bool) or int(max_images) < 1):
@@ -192,6 +221,11 @@ def prepare_imagenet(source: str | Path, dest: str | Path, resolution: int | tup
         raise DatasetError(f"dest must be a .zip path, got {dest}")
     src = ImageSource(source)
     n = len(src.names) if max_images is None else min(len(src.names), int(max_images))
+    limit = num_classes or (len(src.class_names) if src.class_names else None)
+    bad = [(n, y) for n, y in zip(src.names, src.labels, strict=True) if y < 0 or (limit is not None and y >= limit)]
+    if bad:
+        raise DatasetError(f"{src.source}: label {bad[0][1]} of {bad[0][0]} is outside [0, {limit or 'inf'}) "
+                           f"({len(bad)} labels out of range; num_classes {limit})")
     num_classes = len(src.class_names) if src.class_names else max(src.labels) + 1
 
     dest.parent.mkdir(parents=True, exist_ok=True)

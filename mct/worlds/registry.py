@@ -73,7 +73,8 @@ class World:
 
             if not self.cfg.source:
                 raise ValueError(f"worlds.{self.name}.source: set the ImageNet folder or zip to prepare")
-            prepare_imagenet(self.cfg.source, out, self.cfg.resolution, max_images=self.cfg.max_images or None)
+            prepare_imagenet(self.cfg.source, out, self.cfg.resolution, max_images=self.cfg.max_images or None,
+                             num_classes=self.cfg.num_classes or None)
 
     def load_split(self, path: Path, split: str = "train") -> tuple[Tensor, Tensor | None]:
         """(x, one-hot labels or None) of a prepared data file."""
