@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,8 +50,34 @@ def _betas(v: Any) -> str | None:
     return None if all(0 <= b < 1 for b in v) else f"Adam betas must be in [0, 1) (got {list(v)})"
 
 
+def _at_most(hi: int, check=_positive):
+    """``check`` (default: > 0) and an upper bound: a value beyond it is a typo or a hang, never a setting."""
+
+    def fn(v: Any) -> str | None:
+        return check(v) or (None if v <= hi else f"must be <= {hi:,} (got {v:,})")
+
+    return fn
+
+
+def _sha256(v: Any) -> str | None:
+    return None if re.fullmatch(r"[0-9a-fA-F]{64}", v) else f"must be 64 hex digits (`sha256sum FILE`), got {v!r}"
+
+
 def _check(fn):  # field metadata helper
     return {"check": fn}
+
+
+# Upper bounds of the integer settings (tests/test_reliability_inputs.py names each): far above any run this
+# project plans (the paper's largest: K = 16, batch 1024, 300k iterations, 50k FID samples), far below sizes that
+# hang or fail to allocate.
+MAX_ITERATIONS = 10_000_000
+MAX_BATCH = 65_536
+MAX_K = 1_024
+MAX_PROCESSES = 1_024
+MAX_SAMPLES = 10_000_000
+MAX_IMAGES = 1_000_000_000
+MAX_CLASSES = 100_000
+MAX_RESOLUTION = 1_024
 
 
 @dataclass(frozen=True)
@@ -74,17 +102,17 @@ class SigmaConfig:
 class WorldConfig:
     kind: Literal["toy2d", "digits", "imagenet"]
     # toy2d
-    grid: int = field(default=5, metadata=_check(_positive))
+    grid: int = field(default=5, metadata=_check(_at_most(100)))
     spacing: float = field(default=1.0, metadata=_check(_positive))
     std: float = field(default=0.05, metadata=_check(_positive))
     weights: Literal["equal", "unequal"] = "unequal"
     # digits / imagenet
     held_out_fraction: float = field(default=0.2, metadata=_check(_unit_interval))
     source: str = ""
-    resolution: int = field(default=64, metadata=_check(_positive))
-    num_classes: int = field(default=1000, metadata=_check(_non_negative))
-    max_images: int = 0
-    ref_images: int = field(default=0, metadata=_check(_non_negative))  # imagenet: FID reference images, 0 = all
+    resolution: int = field(default=64, metadata=_check(_at_most(MAX_RESOLUTION)))
+    num_classes: int = field(default=1000, metadata=_check(_at_most(MAX_CLASSES, _non_negative)))
+    max_images: int = field(default=0, metadata=_check(_at_most(MAX_IMAGES, _non_negative)))  # 0 = all
+    ref_images: int = field(default=0, metadata=_check(_at_most(MAX_IMAGES, _non_negative)))  # FID reference, 0 = all
     seed: int = 0
 
 
@@ -96,16 +124,16 @@ class TeacherConfig:
     kind: Literal["train", "fetch"] = "train"
     arch: Literal["mlp", "conv", "edm", "adm"] = "mlp"  # edm: an EDM pickle; adm: guided-diffusion flags
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    iterations: int = field(default=3000, metadata=_check(_non_negative))
-    batch_size: int = field(default=512, metadata=_check(_positive))
+    iterations: int = field(default=3000, metadata=_check(_at_most(MAX_ITERATIONS, _non_negative)))
+    batch_size: int = field(default=512, metadata=_check(_at_most(MAX_BATCH)))
     lr: float = field(default=2e-3, metadata=_check(_positive))
     ema_decay: float = field(default=0.999, metadata=_check(_unit_interval))
     sigma: SigmaConfig = field(default_factory=SigmaConfig)
-    sampler_steps: int = field(default=18, metadata=_check(_positive))
+    sampler_steps: int = field(default=18, metadata=_check(_at_most(10_000)))
     sigma_max: float = field(default=80.0, metadata=_check(_positive))
     sigma_min: float = field(default=0.002, metadata=_check(_positive))
     source: str = ""
-    sha256: str | None = None
+    sha256: str | None = field(default=None, metadata=_check(_sha256))
     seed: int = 0
 
 
@@ -130,9 +158,9 @@ class StudentConfig:
 class DistillConfig:
     """EM distillation settings; paper values where known (METHOD.md), documented defaults otherwise."""
 
-    iterations: int = field(default=2000, metadata=_check(_non_negative))
-    batch_size: int = field(default=256, metadata=_check(_positive))
-    K: int = field(default=8, metadata=_check(_non_negative))
+    iterations: int = field(default=2000, metadata=_check(_at_most(MAX_ITERATIONS, _non_negative)))
+    batch_size: int = field(default=256, metadata=_check(_at_most(MAX_BATCH)))
+    K: int = field(default=8, metadata=_check(_at_most(MAX_K, _non_negative)))
     gamma_eps: float = field(default=0.3, metadata=_check(_non_negative))
     gamma_z: float = field(default=0.01, metadata=_check(_non_negative))
     space: Literal["eps_z", "x_z", "eps", "x"] = "eps_z"
@@ -147,15 +175,15 @@ class DistillConfig:
     lr_s: float = field(default=1e-3, metadata=_check(_positive))
     betas_g: tuple[float, float] = field(default=(0.0, 0.99), metadata=_check(_betas))
     betas_s: tuple[float, float] = field(default=(0.0, 0.99), metadata=_check(_betas))
-    score_steps: int = field(default=1, metadata=_check(_positive))
+    score_steps: int = field(default=1, metadata=_check(_at_most(100)))
     ema_decay: float = field(default=0.999, metadata=_check(_unit_interval))
     grad_clip: float = field(default=1.0, metadata=_check(_non_negative))
-    checkpoint_every: int = field(default=500, metadata=_check(_positive))
+    checkpoint_every: int = field(default=500, metadata=_check(_at_most(MAX_ITERATIONS)))
     seed: int = 0
-    gpus: int = field(default=0, metadata=_check(_non_negative))
-    num_processes: int = field(default=1, metadata=_check(_positive))
+    gpus: int = field(default=0, metadata=_check(_at_most(MAX_PROCESSES, _non_negative)))
+    num_processes: int = field(default=1, metadata=_check(_at_most(MAX_PROCESSES)))
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    grad_accum: int = field(default=1, metadata=_check(_positive))
+    grad_accum: int = field(default=1, metadata=_check(_at_most(MAX_BATCH)))
     grad_checkpoint: bool = False
 
     def langevin(self):
@@ -168,9 +196,9 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_samples: int = field(default=10000, metadata=_check(_positive))
+    num_samples: int = field(default=10000, metadata=_check(_at_most(MAX_SAMPLES)))
     seed: int = 1234
-    batch_size: int = field(default=1000, metadata=_check(_positive))
+    batch_size: int = field(default=1000, metadata=_check(_at_most(MAX_BATCH)))
 
 
 @dataclass(frozen=True)
@@ -278,6 +306,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # no setting here has a meaning for infinity, and none for NaN
+            raise ConfigError(f"{key}: must be a finite number (got {value})")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -361,7 +391,14 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
     teachers = _coerce(raw["teachers"], dict[str, TeacherConfig], "teachers")
     templates = _coerce(raw["templates"], dict[str, dict[str, Any]], "templates")
     suites = _coerce(raw["suites"], dict[str, list[str]], "suites")
+    if raw["suite"] in (None, ""):  # e.g. `snakemake --config suite=`
+        raise ConfigError(f"suite: empty; name one of the suites {sorted(raw['suites'] or {})}")
     suite = _coerce(raw["suite"], str, "suite")
+    for name, w in worlds.items():
+        res = w.resolution
+        if w.kind == "imagenet" and (res < 8 or res & (res - 1)):
+            raise ConfigError(f"worlds.{name}.resolution: the U-Nets take a power of two >= 8 (e.g. 64 or 128), "
+                              f"got {res}")
     for name, t in teachers.items():
         if t.world not in worlds:
             raise ConfigError(f"teachers.{name}.world: unknown world {t.world!r}; known: {sorted(worlds)}")
@@ -403,11 +440,15 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
     """Apply an override like ``experiments.toy2d_k8.distill.K=16`` to the raw mapping."""
     parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"{dotted or '<empty>'}: not a dotted key (e.g. experiments.NAME.distill.K)")
     node = raw
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: cannot set a key below a non-mapping")
+        node = node.setdefault(p, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"{dotted}: cannot set a key below a non-mapping")
     node[parts[-1]] = value
 
 
@@ -416,15 +457,29 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params: file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"params: {path} is not a regular file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"params: {path} is not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"params: cannot read {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"params: {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"params: {path} is not valid YAML: {e}") from None
+    if raw is None:
+        raise ConfigError(f"params: {path} is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: {path} must hold a mapping at the top level, not a {type(raw).__name__}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
-        set_dotted(raw, k, yaml.safe_load(v))
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{k}: the value {v!r} (-S) is not valid YAML: {e}") from None
+        set_dotted(raw, k, value)
     return parse_params(raw)
 
 

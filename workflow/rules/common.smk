@@ -19,7 +19,7 @@ PARAMS_FILE = str((list(workflow.overwrite_configfiles) or list(workflow.configf
 def _validated_params() -> Params:
     """load_params on PARAMS_FILE with the chosen suite; raise ConfigError (naming the key) before any job."""
     suite = config.get("suite")
-    overrides = [f"suite={json.dumps(suite)}"] if suite is not None else []
+    overrides = [f"suite={json.dumps(suite)}"] if "suite" in config else []  # `--config suite=` gives None: refused
     try:
         params = load_params(PARAMS_FILE, overrides)
         on_disk = load_configfile(PARAMS_FILE)  # parsed as Snakemake parsed it into `config`
