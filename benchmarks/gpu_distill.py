@@ -27,9 +27,11 @@ import yaml
 from mct.config import parse_params
 from mct.diffusion import EDMPrecond
 from mct.io import write_json
-from mct.nets.edm import ADM_IMAGENET64, build_network, count_parameters
+from mct.nets.edm import ADM_IMAGENET64, build_network
+from mct.nets.weights import count_parameters
+from mct.student import init_student
 from mct.teacher import denoiser_spec, save_denoiser
-from mct.train import distill, init_student
+from mct.train import distill
 from mct.worlds.registry import make_world
 
 TINY_NETWORK = {"img_resolution": 16, "in_channels": 3, "out_channels": 3, "label_dim": 10, "model_channels": 32,

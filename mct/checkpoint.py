@@ -29,27 +29,21 @@ import torch
 from torch import Tensor, nn
 
 from mct.diffusion import EDMPrecond
+from mct.errors import CheckpointError, ChecksumMismatch
 from mct.fetch import sha256_file
 from mct.nets.edm import IDDPMPrecond, VEPrecond, VPPrecond, build_network
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be loaded as asked (wrong format, missing or mismatched tensors, bad checksum)."""
+from mct.nets.weights import load_state_strict
 
 
 class UnsafeCheckpointError(CheckpointError):
     """The file asked for something outside the allow-list (code execution, unknown classes)."""
 
 
-class ChecksumMismatchError(CheckpointError):
-    """The file's sha256 differs from the pinned one."""
-
-
 def verify_sha256(path: str | os.PathLike, expected: str | None) -> str:
-    """Return the file's sha256; raise :class:`ChecksumMismatchError` if ``expected`` is given and differs."""
+    """Return the file's sha256; raise :class:`mct.errors.ChecksumMismatch` if ``expected`` is given and differs."""
     actual = sha256_file(path)
     if expected is not None and actual != expected.strip().lower():
-        raise ChecksumMismatchError(f"{path}: sha256 is {actual}, expected {expected}; refusing to load it")
+        raise ChecksumMismatch(f"{path}: sha256 is {actual}, expected {expected}; refusing to load it")
     return actual
 
 
@@ -484,22 +478,6 @@ def _network_from_record(rec: PersistentRecord, use_checkpoint: bool) -> nn.Modu
                          sigma_max=float(get("sigma_max", 100.0)))
     return IDDPMPrecond(model, label_dim, C_1=float(get("C_1", 0.001)), C_2=float(get("C_2", 0.008)),
                         M=int(get("M", 1000)))
-
-
-def load_state_strict(module: nn.Module, state: dict[str, Tensor], where: str = "checkpoint") -> None:
-    """Copy ``state`` into ``module`` by name; any missing, unexpected or mis-shaped tensor is an error."""
-    own = module.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        def head(xs: list[str]) -> str:
-            return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
-        problems = [f"{label}: {head(xs)}" for label, xs in
-                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if xs]
-        raise CheckpointError(f"{where} does not fit {type(module).__name__}; " + "; ".join(problems))
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
 PRECOND_CLASSES = tuple(_PRECOND_ARGS)

@@ -87,7 +87,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_init_student(args: argparse.Namespace) -> int:
-    from mct.train import init_student
+    from mct.student import init_student
     params = _params(args)
     exp = params.experiment(args.experiment)
     world = _world(params, exp.world)
@@ -121,7 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from mct.io import atomic_path
-    from mct.train import generate, load_generator
+    from mct.student import generate_all, load_generator
     params = _params(args)
     exp = params.experiment(args.experiment)
     world = _world(params, exp.world)
@@ -130,29 +130,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     seed = exp.eval.seed if args.seed is None else args.seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
     uint8 = world.kind == "imagenet"  # 50k float images would be 4x larger; FID reads them quantised anyway
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    main_process = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: it sets up the process group
         from accelerate import Accelerator
-        from accelerate.utils import gather_object
 
         acc = Accelerator()
-        x, y = generate(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, acc.device,
-                        shard=(acc.process_index, acc.num_processes), uint8=uint8)
-        parts = gather_object([(acc.process_index, x, y)])
-        if not acc.is_main_process:
-            return 0
-        # Put the batches back in their single-process order: rank r drew batches r, r + W, ...
-        bs, w = exp.eval.batch_size, acc.num_processes
-        by_rank = {r: (xr, yr) for r, xr, yr in parts}
-        xs, ys = [], []
-        for j in range((n + bs - 1) // bs):
-            xr, yr = by_rank[j % w]
-            k = j // w
-            xs.append(xr[k * bs:(k + 1) * bs])
-            if yr is not None:
-                ys.append(yr[k * bs:(k + 1) * bs])
-        x, y = torch.cat(xs), (torch.cat(ys) if ys else None)
-    else:
-        x, y = generate(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device, uint8=uint8)
+        device, main_process = acc.device, acc.is_main_process
+    x, y = generate_all(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device, uint8=uint8)
+    if not main_process:
+        return 0
     out = Path(args.out or paths.samples_file(args.experiment))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:

@@ -127,6 +127,20 @@ class VPEpsDenoiser(nn.Module):
         return x - append_dims(sigma, x.ndim) * eps
 
 
+def linear_alpha_bar(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """DDPM/ADM linear schedule: beta_t = linspace(beta_start, beta_end, T), alpha_bar_t = prod_{s<=t} (1 - beta_s).
+
+    Index t = 0..T-1 is ADM's integer timestep. (ADM rescales beta_start/end by 1000 / T for T != 1000; pass
+    the scaled values explicitly if you need that.) float64, shape (T,).
+    """
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 # --- noise-level distributions ----------------------------------------------------------------------
 
 

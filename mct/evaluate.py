@@ -24,8 +24,8 @@ from mct.io import write_json
 from mct.metrics import fid as fidlib
 from mct.metrics.precision_recall import precision_recall
 from mct.metrics.speed import samples_per_second
+from mct.student import generate, load_generator, one_hot_labels
 from mct.teacher import load_denoiser
-from mct.train import generate, load_generator, one_hot_labels
 from mct.worlds.registry import World
 
 PR_MAX = 5000  # precision/recall on at most this many points per set (k-NN is quadratic)

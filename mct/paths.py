@@ -55,15 +55,3 @@ def metrics_file() -> Path:
 
 def report_index() -> Path:
     return REPORTS / "index.md"
-
-
-def report_html() -> Path:
-    return REPORTS / "index.html"
-
-
-def report_tables() -> Path:
-    return REPORTS / "tables"
-
-
-def report_figures() -> Path:
-    return REPORTS / "figures"

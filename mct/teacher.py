@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from mct.config import TeacherConfig
 from mct.diffusion import EDMPrecond, dsm_loss
+from mct.ema import ema_update
 from mct.io import load_torch, save_torch
 from mct.worlds.registry import World
 
@@ -60,14 +61,6 @@ def import_adm_teacher(raw: Path, world: World, flags: dict[str, Any], out: Path
     denoiser = world.build_network("adm", flags)
     load_adm_state_dict(denoiser.eps_net.unet, state)
     save_denoiser(out, denoiser, denoiser_spec(world, "adm", flags), meta)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-        pe.lerp_(pm.detach(), 1.0 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
-        be.copy_(bm)
 
 
 def train_teacher(world: World, tcfg: TeacherConfig, train_x: Tensor, train_y: Tensor | None, out: Path,

@@ -9,7 +9,8 @@ import torch
 
 from mct.config import load_params
 from mct.metrics.modes import mode_statistics
-from mct.train import distill, generate, init_student, load_generator
+from mct.student import generate, init_student, load_generator
+from mct.train import distill
 from mct.worlds.registry import make_world
 
 torch.set_num_threads(1)

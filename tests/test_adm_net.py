@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mct.fetch import KNOWN_TEACHERS, linear_alpha_bar
+from mct.diffusion import linear_alpha_bar
+from mct.fetch import KNOWN_TEACHERS
 from mct.nets.adm import (
     ADMEpsNet,
     ADMUNet,

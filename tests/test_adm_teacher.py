@@ -11,8 +11,7 @@ import yaml
 from mct import paths
 from mct.checkpoint import sha256_file
 from mct.cli import main
-from mct.diffusion import ve_sigma_to_vp
-from mct.fetch import linear_alpha_bar
+from mct.diffusion import linear_alpha_bar, ve_sigma_to_vp
 from mct.nets.adm import ADMUNet, adm_model_kwargs
 from tests.test_edm_nets import _randomize
 
@@ -80,7 +79,7 @@ def test_adm_state_dict_becomes_a_ve_denoiser_and_distills(tmp_path, monkeypatch
         assert main([*cmd, "--no-progress"]) == 0, cmd
     import json
 
-    from mct.train import load_generator
+    from mct.student import load_generator
 
     summary = json.loads((paths.distill_dir("inet128_emd") / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["final_grad_norm_gen"] > 0

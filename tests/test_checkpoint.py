@@ -23,7 +23,6 @@ from torch.nn import functional as F
 
 from mct.checkpoint import (
     CheckpointError,
-    ChecksumMismatchError,
     PersistentRecord,
     UnsafeCheckpointError,
     format_inspection,
@@ -31,11 +30,12 @@ from mct.checkpoint import (
     load_edm_pickle,
     load_pickle_restricted,
     load_state_checkpoint,
-    load_state_strict,
     sha256_file,
 )
 from mct.diffusion import EDMPrecond
-from mct.nets.edm import DhariwalUNet, SongUNet, VPPrecond, count_parameters
+from mct.errors import ChecksumMismatch
+from mct.nets.edm import DhariwalUNet, SongUNet, VPPrecond
+from mct.nets.weights import count_parameters, load_state_strict
 
 ADM_KW = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=np.float64(0.0),
               channels_per_head=8)
@@ -246,7 +246,7 @@ def test_checksum_pinning(adm_pickle):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert sha256_file(path) == digest == sha256_file(path, chunk_size=7)
     assert isinstance(load_edm_pickle(path, sha256=digest.upper())["ema"], EDMPrecond)
-    with pytest.raises(ChecksumMismatchError, match=digest):
+    with pytest.raises(ChecksumMismatch, match=digest):
         load_edm_pickle(path, sha256="0" * 64)
 
 

@@ -9,7 +9,8 @@ import torch
 
 from mct.diffusion import EDMPrecond, LogNormalSigma, dsm_loss
 from mct.images import image_grid, save_png, to_uint8
-from mct.nets.conv import ConvUNet, build_digits_denoiser, count_parameters, reset_parameters
+from mct.nets.conv import ConvUNet, build_digits_denoiser
+from mct.nets.weights import count_parameters
 from mct.worlds.digits import (
     DigitsFileError,
     DigitsSplit,
@@ -212,24 +213,6 @@ def test_short_dsm_training_lowers_the_loss(split: DigitsSplit) -> None:
     assert after < 0.6 * before, (before, after)
     # The running training loss agrees: mean of the last 20 steps < 60% of the mean of the first 5.
     assert np.mean(train_losses[-20:]) < 0.6 * np.mean(train_losses[:5]), train_losses
-
-
-def test_reset_parameters_reinitialises_every_layer() -> None:
-    torch.manual_seed(0)
-    den = build_digits_denoiser()
-    before = {k: v.clone() for k, v in den.state_dict().items()}
-    with torch.no_grad():
-        for p in den.parameters():
-            p.zero_()
-    torch.manual_seed(1)
-    n_reset = reset_parameters(den)
-    assert n_reset > 10
-    for name, mod in den.named_modules():
-        if isinstance(mod, torch.nn.Conv2d | torch.nn.Linear):
-            assert mod.weight.abs().sum().item() > 0, f"{name} was not reset"
-            assert not torch.equal(mod.weight, before[f"{name}.weight"]), f"{name} kept its weights"
-        if isinstance(mod, torch.nn.GroupNorm):
-            assert torch.equal(mod.weight, torch.ones_like(mod.weight)), f"{name} was not reset"
 
 
 # --- images -----------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from mct.nets.edm import (
     UNetBlock,
     VEPrecond,
     VPPrecond,
-    count_parameters,
 )
+from mct.nets.weights import count_parameters
 
 SMALL_ADM = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, model_channels=16,
                  channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, channels_per_head=8)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mct.diffusion import VPEpsDenoiser
+from mct.diffusion import VPEpsDenoiser, linear_alpha_bar
 from mct.fetch import (
     KNOWN_TEACHERS,
     ChecksumMismatch,
@@ -22,7 +22,6 @@ from mct.fetch import (
     PinRequired,
     fetch_pinned,
     fetch_teacher,
-    linear_alpha_bar,
 )
 
 PAYLOAD = bytes(range(256)) * 4099  # ~1 MiB: more than one read chunk

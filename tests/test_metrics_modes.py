@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 from scipy.stats import multivariate_normal
 
 from mct.metrics.modes import mixture_log_prob, mode_statistics
-from mct.metrics.speed import samples_per_second, speed_comparison
+from mct.metrics.speed import samples_per_second
 
 STD = 0.2  # modes 2.0 apart = 10 std: overlaps are below 1e-10 and negligible for every check below
 
@@ -104,23 +103,35 @@ def test_bad_mixture_is_rejected(mixture):
 # --- throughput ----------------------------------------------------------------------------------------------
 
 
-def sleeper(seconds: float):
-    def fn(batch_size: int) -> torch.Tensor:
-        time.sleep(seconds)
-        return torch.zeros(batch_size)
+class FakeClock:
+    """A clock that advances only when a fake sampler 'works': timing without sleeping, and exact."""
 
-    return fn
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.calls = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sampler(self, seconds_per_batch: float):
+        def fn(batch_size: int) -> torch.Tensor:
+            self.calls += 1
+            self.now += seconds_per_batch
+            return torch.zeros(batch_size)
+
+        return fn
 
 
 def test_samples_per_second_of_a_known_rate():
-    rate = samples_per_second(sleeper(0.02), batch_size=8, n_batches=10, warmup=1)
-    assert rate == pytest.approx(8 / 0.02, rel=0.2)
+    """Warm-up calls are not timed; the timed ones cost exactly 10 x 0.25 s on the fake clock for 10 x 8 samples."""
+    clock = FakeClock()
+    rate = samples_per_second(clock.sampler(0.25), batch_size=8, n_batches=10, warmup=3, clock=clock)
+    assert clock.calls == 13
+    assert rate == pytest.approx(8 / 0.25, rel=1e-12)
 
 
-def test_speed_comparison_reports_the_ratio():
-    out = speed_comparison(sleeper(0.005), sleeper(0.05), teacher_nfe=10, batch_size=4, n_batches=6, warmup=1)
-    assert out["student_samples_per_s"] == pytest.approx(4 / 0.005, rel=0.2)
-    assert out["teacher_samples_per_s"] == pytest.approx(4 / 0.05, rel=0.2)
-    assert out["speedup"] == pytest.approx(out["student_samples_per_s"] / out["teacher_samples_per_s"], rel=1e-12)
-    assert out["speedup"] == pytest.approx(10, rel=0.2) and out["teacher_nfe"] == 10
-    assert out["speedup_over_nfe"] == pytest.approx(out["speedup"] / 10, rel=1e-12)
+def test_samples_per_second_rejects_bad_arguments():
+    clock = FakeClock()
+    for bad in ({"batch_size": 0}, {"n_batches": 0}, {"warmup": -1}):
+        with pytest.raises(ValueError, match="need batch_size"):
+            samples_per_second(clock.sampler(1.0), **{"batch_size": 4, **bad}, clock=clock)

@@ -57,7 +57,7 @@ def test_edm_teacher_fetch_init_and_distill(tmp_path, monkeypatch):
     assert main(["init-student", "--experiment", "inet_emd"]) == 0
     assert main(["distill", "--experiment", "inet_emd", "--no-progress"]) == 0
     from mct.config import load_params
-    from mct.train import load_generator
+    from mct.student import load_generator
     from mct.worlds.registry import make_world
 
     params = load_params("params.yaml")
@@ -137,8 +137,9 @@ def test_dropout_is_off_while_distilling(tmp_path):
     """EDM's ImageNet U-Net records dropout 0.1, but EMD assumes one deterministic generator and score network
     (the E-step's VJP and the M-step must see the same g): a network's dropout rate must not change a run at all."""
     from mct.config import parse_params
+    from mct.student import init_student
     from mct.teacher import denoiser_spec, save_denoiser
-    from mct.train import distill, init_student
+    from mct.train import distill
     from mct.worlds.registry import make_world
 
     raw = _params("unused.pkl", None)

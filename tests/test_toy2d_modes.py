@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from mct.config import parse_params, set_dotted
 from mct.metrics.modes import mode_statistics
-from mct.train import distill, generate, init_student, load_generator
+from mct.student import generate, init_student, load_generator
+from mct.train import distill
 from mct.worlds.registry import make_world
 
 

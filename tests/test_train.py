@@ -9,7 +9,8 @@ import torch
 
 from mct.config import parse_params, set_dotted
 from mct.io import load_torch
-from mct.train import DivergenceError, distill, generate, init_student, load_generator
+from mct.student import generate, init_student, load_generator
+from mct.train import DivergenceError, distill
 from mct.worlds.registry import make_world
 
 

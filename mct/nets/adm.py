@@ -24,9 +24,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mct.checkpoint import load_state_strict
-from mct.diffusion import VPEpsDenoiser
-from mct.fetch import linear_alpha_bar
+from mct.diffusion import VPEpsDenoiser, linear_alpha_bar
+from mct.nets.weights import load_state_strict, zero_init
 
 __all__ = [
     "ADMEpsNet",
@@ -61,10 +60,9 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 
 def _zero(module: nn.Module) -> nn.Module:
-    """Zero a layer's parameters: ADM's residual branches and the output start as the identity / zero."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
+    """Zero a layer's parameters: ADM's residual branches and the output start as the identity / zero (marked, so
+    a scratch re-initialisation zeroes them again: :func:`mct.nets.weights.reinitialise`)."""
+    return zero_init(module)
 
 
 # --- layers -----------------------------------------------------------------------------------------

@@ -168,21 +168,3 @@ def build_digits_denoiser(sigma_data: float = 0.5, **kwargs) -> EDMPrecond:
     net = ConvUNet(**kwargs)
     return EDMPrecond(net, sigma_data=sigma_data, label_dim=net.label_dim)
 
-
-def reset_parameters(module: nn.Module) -> int:
-    """Re-initialise every submodule that defines ``reset_parameters`` (PyTorch's default init).
-
-    Used for the 'scratch' initialisation ablation. Draws from torch's global RNG, so seed it first for
-    reproducibility. Returns the number of submodules that were reset.
-    """
-    count = 0
-    for m in module.modules():
-        fn = getattr(m, "reset_parameters", None)
-        if callable(fn):
-            fn()
-            count += 1
-    return count
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -55,6 +55,16 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> T
     raise ValueError(f"invalid init mode {mode!r}")
 
 
+@torch.no_grad()
+def _redraw(layer: nn.Module, init: dict) -> None:
+    """Draw a layer's weight and bias again exactly as its constructor did (``init`` is what it recorded)."""
+    fans = {k: init[k] for k in ("mode", "fan_in", "fan_out")}
+    if layer.weight is not None:
+        layer.weight.copy_(weight_init(layer.weight.shape, **fans) * init["weight"])
+    if layer.bias is not None:
+        layer.bias.copy_(weight_init(layer.bias.shape, **fans) * init["bias"])
+
+
 # --- layers -----------------------------------------------------------------------------------------
 
 
@@ -67,8 +77,12 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.init_spec = dict(fans, weight=init_weight, bias=init_bias)  # what reset_parameters draws again
         self.weight = nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
         self.bias = nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def reset_parameters(self) -> None:
+        _redraw(self, self.init_spec)
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None else None
@@ -94,12 +108,16 @@ class Conv2d(nn.Module):
         self.down = down
         self.fused_resample = fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        self.init_spec = dict(fans, weight=init_weight, bias=init_bias)  # what reset_parameters draws again
         w = weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight if kernel else None
         self.weight = nn.Parameter(w) if w is not None else None
         self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
         f = torch.as_tensor(list(resample_filter), dtype=torch.float32)
         f = torch.outer(f, f).reshape(1, 1, len(f), len(f)) / f.sum().square()
         self.register_buffer("resample_filter", f if up or down else None)
+
+    def reset_parameters(self) -> None:
+        _redraw(self, self.init_spec)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
@@ -140,6 +158,11 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
@@ -497,10 +520,6 @@ def build_network(model_type: str, **kwargs) -> nn.Module:
         return NETWORKS[model_type](**kwargs)
     except TypeError as e:  # an argument this reimplementation does not know
         raise ValueError(f"cannot build {model_type} from {sorted(kwargs)}: {e}") from e
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # --- EDM's baseline preconditioners (VP, VE, iDDPM), as denoisers D(x, sigma, labels) -------------------

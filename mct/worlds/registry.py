@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mct.config import TeacherConfig, WorldConfig
+from mct.config import WorldConfig
 from mct.diffusion import EDMPrecond
 from mct.worlds.toy2d import GaussianMixture, MixtureDenoiser, grid_mixture
 
@@ -139,7 +139,3 @@ class World:
 
 def make_world(name: str, cfg: WorldConfig) -> World:
     return World(name, cfg)
-
-
-def teacher_network(world: World, tcfg: TeacherConfig) -> EDMPrecond:
-    return world.build_network(tcfg.arch, dict(tcfg.arch_kwargs))
