@@ -54,8 +54,33 @@ TOY2D_KEYS = ("modes_covered", "modes_total", "mode_tv", "mode_precision", "nll"
 
 # Setting keys of an experiment: the ablated factors, then controls that must match for runs to be comparable.
 FACTOR_KEYS = ("space", "cancel_noise", "cancel_initial", "K", "init", "gamma_eps", "gamma_z")
-CONTROL_KEYS = ("teacher", "iterations", "batch_size")
+CONTROL_KEYS = ("teacher", "iterations", "batch_size", "estep_teacher")
 SPACE_LABELS = {"eps_z": "(eps, z)", "x_z": "(x, z)", "eps": "eps", "x": "x"}
+PAPER_ITERATIONS = 100_000  # the paper's distillation budgets are at least this many iterations (ImageNet)
+
+# Display names of the metrics (metrics.json keys stay as they are): what each distance is, with the direction of
+# better. The Frechet distance is FID only in Inception's feature space.
+FD_NAMES = {"toy2d": "FD (2-D)", "digits": "FD (digits classifier)", "imagenet": "FID"}
+UP, DOWN = "\u2191", "\u2193"
+METRIC_NAMES = {"precision": f"precision {UP}", "recall": f"recall {UP}", "modes_covered": f"modes covered {UP}",
+                "mode_tv": f"mode TV {DOWN}", "mode_precision": f"mode precision {UP}", "nll": f"NLL (nats) {DOWN}",
+                "samples_per_s": f"samples/s {UP}", "sec_per_iter": f"sec/iter {DOWN}"}
+METRIC_DEFINITIONS = (
+    "FD (2-D): Frechet distance between Gaussians fitted to the 2-D points themselves (toy2d). "
+    "FD (digits classifier): the same distance in the penultimate features of a classifier trained on the digits "
+    "training split (not Inception, so not comparable with any FID). FID: Inception features (clean-fid, "
+    "legacy_tensorflow), paper-scale worlds only. Precision and recall: k-NN manifolds (k = 3) in the same features. "
+    "Modes covered: mixture components that receive at least 10% of their expected share of samples within 3 "
+    "standard deviations; mode TV: total variation between those samples' mode frequencies and the true weights; "
+    "mode precision: fraction of samples within 3 standard deviations of some mode; NLL: -mean log p(x) of the "
+    "samples under the true mixture, in nats (toy2d). Arrows: the direction of better.")
+
+
+def metric_name(key: str, world_kind: str) -> str:
+    """The column header of a metrics.json key in a world of this kind."""
+    if key == "fid":
+        return f"{FD_NAMES.get(world_kind, 'FID')} {DOWN}"
+    return METRIC_NAMES.get(key, key)
 
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -82,6 +107,15 @@ class Sources:
 
     def samples(self, exp: str) -> Path:
         return self._rebase(paths.samples_file(exp), paths.RUNS, self.runs)
+
+    def summary(self, exp: str) -> Path:
+        return self._rebase(paths.distill_dir(exp) / "summary.json", paths.RUNS, self.runs)
+
+    def teacher(self, teacher: str) -> Path:
+        return self._rebase(paths.teacher_file(teacher), paths.RUNS, self.runs)
+
+    def feature_net(self, world: str) -> Path:
+        return self._rebase(paths.feature_net(world), paths.RUNS, self.runs)
 
 
 @dataclass
@@ -113,7 +147,8 @@ def experiment_setting(exp: ExperimentConfig) -> dict[str, Any]:
     return {"method": exp.method_name, "space": d.space, "cancel_noise": d.cancel_noise,
             "cancel_initial": d.cancel_initial, "K": d.K, "init": exp.student.init, "gamma_eps": d.gamma_eps,
             "gamma_z": d.gamma_z, "teacher": exp.teacher, "iterations": d.iterations,
-            "batch_size": d.batch_size}
+            "batch_size": d.batch_size, "estep_teacher": d.estep_teacher, "seed": d.seed,
+            "eval_samples": exp.eval.num_samples, "eval_seed": exp.eval.seed}
 
 
 def collect(params: Params, suite: str | None, src: Sources) -> list[Entry]:
@@ -190,14 +225,16 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def _metric_cells(entry: Entry | None, toy: bool) -> dict[str, Any]:
+def _metric_cells(entry: Entry | None, toy: bool, kind: str | None = None) -> dict[str, Any]:
+    """The quality columns of a row, headed by metric_name (``kind``: the world's kind; toy2d when ``toy``)."""
+    kind = kind or ("toy2d" if toy else "digits")
     get = (lambda k: NOT_RUN) if entry is None else entry.get
-    cells = {"FID": get("fid"), "precision": get("precision"), "recall": get("recall")}
+    cells = {metric_name(k, kind): get(k) for k in ("fid", "precision", "recall")}
     if toy:
         covered, total = get("modes_covered"), get("modes_total")
-        cells["modes covered"] = f"{covered}/{total}" if isinstance(covered, int) and isinstance(total, int) \
-            else covered
-        cells["mode TV"] = get("mode_tv")
+        cells[metric_name("modes_covered", kind)] = f"{covered}/{total}" \
+            if isinstance(covered, int) and isinstance(total, int) else covered
+        cells[metric_name("mode_tv", kind)] = get("mode_tv")
     return cells
 
 
@@ -283,11 +320,12 @@ def _tail_mean(log: pd.DataFrame | None, key: str) -> Any:
 
 
 def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]], toy: bool,
-                   logs: dict[str, pd.DataFrame | None]) -> Table:
+                   logs: dict[str, pd.DataFrame | None], kind: str | None = None) -> Table:
     rows = []
     for label, group in members or [(NOT_RUN, [])]:
         for e in group or [None]:
-            row = {ab.column: label, "experiment": NOT_RUN if e is None else e.name, **_metric_cells(e, toy)}
+            row = {ab.column: label, "experiment": NOT_RUN if e is None else e.name,
+                   **_metric_cells(e, toy, kind)}
             if ab.name == "noise":
                 row["grad norm"] = NOT_RUN if e is None else _tail_mean(logs.get(e.name), "grad_norm_gen")
             rows.append(row)
@@ -295,12 +333,20 @@ def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry
 
 
 def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]],
-               toy: bool) -> Table:
+               toy: bool, kind: str | None = None, floor: dict[str, Any] | None = None) -> Table:
+    """Teacher, Diff-Instruct and EMD-K rows; ``floor`` (noise_floor's record) adds the real-vs-real row."""
     rows = []
+    kind = kind or ("toy2d" if toy else "digits")
 
     def add(method: str, e: Entry | None, nfe: Any) -> None:
         rows.append({"method": method, "experiment": NOT_RUN if e is None else e.name, "NFE": nfe,
-                     **_metric_cells(e, toy), "samples/s": NOT_RUN if e is None else e.get("samples_per_s")})
+                     **_metric_cells(e, toy, kind),
+                     metric_name("samples_per_s", kind): NOT_RUN if e is None else e.get("samples_per_s")})
+
+    if floor is not None:
+        rec = Entry("-", "floor", world, {}, floor)
+        rows.append({"method": "Real data: training vs held-out split (noise floor)", "experiment": "-",
+                     "NFE": "-", **_metric_cells(rec, toy, kind), metric_name("samples_per_s", kind): "-"})
 
     for t in (e for e in entries if e.kind == "teacher"):
         nfe = t.get("nfe") if _number(t.get("nfe")) else t.setting["nfe"]
@@ -314,6 +360,9 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
     if not emd:
         add("EMD-K", None, 1)
     note = "EMD-K rows: the world's reference EMD setting at each K that the suite runs."
+    if floor is not None:
+        note += (f" Noise floor: {floor['count']:,} training-split points against the held-out reference set "
+                 "through the same metrics; no model can be told apart from the data below it.")
     return Table(f"{world}_main", f"{world}: one-step students against the teacher",
                  pd.DataFrame(rows, dtype=object), note)
 
@@ -332,14 +381,15 @@ def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
 
     frame = pd.DataFrame(dtype=object, data=[
         {"method": m, "K": k, "experiment": NOT_RUN if e is None else e.name,
-         "sec/iter": NOT_RUN if e is None else e.get("sec_per_iter"),
+         metric_name("sec_per_iter", ""): NOT_RUN if e is None else e.get("sec_per_iter"),
          "E-step sec/iter": NOT_RUN if e is None else e.get("sec_per_iter_estep"),
          "x Diff-Instruct": rel(e)} for m, k, e in rows])
     return Table(f"{world}_cost", f"{world}: training cost per iteration", frame,
                  "Mean over the last 10% of iterations of score + E-step + M-step time (summary.json).")
 
 
-def experiments_table(world: str, entries: Sequence[Entry], toy: bool) -> Table:
+def experiments_table(world: str, entries: Sequence[Entry], toy: bool, kind: str | None = None) -> Table:
+    kind = kind or ("toy2d" if toy else "digits")
     rows = []
     for e in (e for e in entries if e.kind == "experiment"):
         s = e.setting
@@ -348,17 +398,24 @@ def experiments_table(world: str, entries: Sequence[Entry], toy: bool) -> Table:
         rows.append({"experiment": e.name, "method": s["method"], "K": s["K"],
                      "space": SPACE_LABELS[s["space"]], "cancellation": cancel, "init": s["init"],
                      "gamma_eps": s["gamma_eps"], "gamma_z": s["gamma_z"],
-                     "iterations": s["iterations"], **_metric_cells(e, toy),
-                     "samples/s": e.get("samples_per_s"), "sec/iter": e.get("sec_per_iter"),
+                     "iterations": s["iterations"], **_metric_cells(e, toy, kind),
+                     **({metric_name("nll", kind): e.get("nll")} if toy else {}),
+                     metric_name("samples_per_s", kind): e.get("samples_per_s"),
+                     metric_name("sec_per_iter", kind): e.get("sec_per_iter"),
                      "status": "ok" if e.record is not None else NOT_RUN})
+    note = "NLL: -mean log p(x) of the samples under the true mixture, in nats." if toy else ""
     return Table(f"{world}_experiments", f"{world}: every experiment of the suite",
-                 pd.DataFrame(rows, dtype=object))
+                 pd.DataFrame(rows, dtype=object), note)
 
 
-def paper_table(params: Params, worlds: Sequence[str], world_tables: dict[str, dict[str, Any]]) -> Table:
-    """The paper's reported numbers beside ours; ours is 'not run' unless the suite has a matching world."""
-    paper = pd.read_csv(PAPER_NUMBERS, dtype={"nfe": "Int64"})
-    rows = []
+def paper_tables(params: Params, worlds: Sequence[str], world_tables: dict[str, dict[str, Any]]) -> list[Table]:
+    """The EMD paper's reported numbers beside ours, then the other methods' numbers, each with its source.
+
+    mct/data/paper_numbers.csv keeps numbers as published (strings: 2.20, 6.0); ``from_emd_paper`` says whether
+    the EMD paper reports the row itself. Ours is 'not run' unless the suite has a matching (Inception) world.
+    """
+    paper = pd.read_csv(PAPER_NUMBERS, dtype=str, keep_default_na=False)
+    own, other = [], []
     for r in paper.itertuples(index=False):
         world = _paper_world(params, worlds, r.dataset)
         ours: Any = NOT_RUN
@@ -366,11 +423,16 @@ def paper_table(params: Params, worlds: Sequence[str], world_tables: dict[str, d
             ours = _ours(r.method, world_tables[world])
         elif not _ours_method(r.method):
             ours = "-"
-        rows.append({"dataset": r.dataset, "method": r.method, "NFE": None if pd.isna(r.nfe) else int(r.nfe),
-                     "FID (paper)": float(r.fid), "FID (ours)": ours, "source": r.source})
-    return Table("paper", "Paper-scale results: reported numbers beside ours",
-                 pd.DataFrame(rows, dtype=object),
-                 "'-': a method this project does not implement. 'not run': the suite has no such world.")
+        row = {"dataset": r.dataset, "method": r.method, "NFE": r.nfe or None,
+               f"FID {DOWN} (reported)": r.fid, f"FID {DOWN} (ours)": ours, "source": r.source}
+        (own if r.from_emd_paper == "yes" else other).append(row)
+    legend = "'-': a method this project does not implement. 'not run': the suite has no such world."
+    return [Table("paper", "Paper-scale results: the EMD paper's numbers beside ours", pd.DataFrame(own, dtype=object),
+                  legend),
+            Table("paper_other", "Other methods, other sources (not rows of the EMD paper)",
+                  pd.DataFrame(other, dtype=object),
+                  "Numbers read from the paper named in 'source' (DMD: Yin et al. 2024; sCM: Lu & Song 2024), "
+                  "for context; they are not the EMD paper's comparison rows. " + legend)]
 
 
 def _paper_world(params: Params, worlds: Sequence[str], dataset: str) -> str | None:
@@ -409,6 +471,218 @@ def _ours(method: str, tables: dict[str, Any]) -> Any:
     return found[0].get("fid") if found else NOT_RUN
 
 
+# --- claims, discussion, noise floor, provenance -------------------------------------------------------------
+
+
+def seed_records(entries: Sequence[Entry], src: Sources | None = None) -> pd.DataFrame:
+    """Per-seed records for the claims engine: one row per (experiment, seed) with the numeric metrics.
+
+    An experiment whose record aggregates several seeds (mct.aggregate: a ``seeds`` list) contributes each
+    seed's own record (reports/experiments/<run_name(exp, seed)>.json, read through ``src``); any other
+    experiment contributes its one record, as the seed it ran (its ``seed`` key, else distill.seed).
+    """
+    rows = []
+    for e in entries:
+        if e.kind != "experiment" or e.record is None:
+            continue
+        seeds = e.record.get("seeds")
+        if src is not None and isinstance(seeds, list) and seeds:
+            from mct.paths import run_name
+
+            per_seed = {s: _read_json(src.experiment_metrics(run_name(e.name, s))) for s in seeds}
+        else:
+            per_seed = {e.record.get("seed", e.setting.get("seed", 0)): e.record}
+        for seed, rec in per_seed.items():
+            if rec is not None:
+                row = {"experiment": e.name, "world": e.world, "seed": seed}
+                row.update({k: float(v) for k, v in rec.items() if _number(v) and k not in row})
+                rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["experiment", "world", "seed"])
+
+
+def _plain(name: str) -> str:
+    return name.replace(f" {UP}", "").replace(f" {DOWN}", "")
+
+
+def claims_table(results: Sequence[Any], kinds: dict[str, str]) -> Table:
+    from mct.claims import effect_unit
+
+    rows = []
+    for r in results:
+        c = r.claim
+        side = "< 0" if c.better == "lower" else "> 0"
+        rows.append({"claim": c.text, "world": r.world, "metric": _plain(metric_name(c.metric, kinds[r.world])),
+                     "compared": " vs ".join(r.compared) if c.kind == "paired" else ", ".join(r.compared),
+                     "effect": effect_unit(r), "paper predicts": side, "n (seeds)": r.n, "mean": r.mean,
+                     "95% CI low": r.lo, "95% CI high": r.hi, "verdict": r.label})
+    from mct.claims import LINEAR_R2
+
+    note = ("Paired across the seeds that every compared experiment shares: per seed the difference A - B "
+            "(or the least-squares slope against log2 K; for cost, against K), then the mean and a two-sided 95% "
+            "Student-t interval over seeds. Verdict, computed: reproduced when the interval excludes 0 on the "
+            "paper's side, contradicted when it excludes 0 on the other side, inconclusive otherwise and always "
+            f"with fewer than 2 seeds (no interval). A linear-cost claim also needs mean R^2 >= {LINEAR_R2:g}. "
+            "Not tested here: 'faster convergence of EMD over Diff-Instruct' (needs quality measured during "
+            "training, which the runs do not record yet).")
+    return Table("claims", "The paper's claims, tested on this suite's runs", pd.DataFrame(rows, dtype=object),
+                 note)
+
+
+def discussion(results: Sequence[Any], table: str, world: str, entries: Sequence[Entry],
+               kind: str = "") -> list[str]:
+    """One sentence group per claim of ``table`` in ``world`` where our data disagree with the paper: a
+    contradicted verdict, or a point estimate on the other side of 0. The text follows from the results."""
+    out = []
+    settings = {e.name: e.setting for e in entries if e.kind == "experiment"}
+    for r in results:
+        if r.world != world or r.claim.table != table or not (r.verdict == "contradicted" or r.opposite):
+            continue
+        from mct.claims import effect_text, effect_unit
+
+        c = r.claim
+        if r.verdict == "contradicted":
+            ours = (f"our runs contradict it: {effect_unit(r)} = {effect_text(r)} (mean [95% t-interval], "
+                    f"n={r.n} seeds), on the other side of 0")
+        elif r.n < 2:
+            ours = (f"our one run points the other way ({effect_unit(r)} = {effect_text(r)}), but one seed "
+                    f"gives no interval, so the difference may be run-to-run spread (verdict {r.label})")
+        else:
+            ours = (f"our mean points the other way ({effect_unit(r)} = {effect_text(r)}, n={r.n}), but the "
+                    f"95% interval includes 0 (verdict {r.label})")
+        iters = sorted({settings[x]["iterations"] for x in r.compared if x in settings})
+        causes = []
+        if iters and max(iters) < PAPER_ITERATIONS:
+            causes.append(f"budget: {'/'.join(f'{i:,}' for i in iters)} iterations against the paper's "
+                          f">= {PAPER_ITERATIONS:,}")
+        kinds = {settings[x].get("estep_teacher") for x in r.compared if x in settings}
+        causes.append(f"world: {world} is a small embedded world, not the paper's ImageNet" +
+                      (" (its E-step uses the exact analytic score)" if "analytic" in kinds else ""))
+        if r.n < 3:
+            causes.append(f"seeds: n={r.n}")
+        out.append(f"Paper: {c.text[0].lower() + c.text[1:]}. Ours ({world}, "
+                   f"{_plain(metric_name(c.metric, kind))}): {ours}. "
+                   f"Likely causes to check: {'; '.join(causes)}.")
+    return out
+
+
+def noise_floor(world, num_samples: int, feature_path: Path | None) -> dict[str, Any] | None:
+    """The metrics of real data against real data: up to ``num_samples`` points of the world's training split
+    against its held-out split (the FD reference set), through the evaluator's metrics. toy2d always (the data
+    is regenerated from params); digits when its feature network exists; None otherwise."""
+    from mct.evaluate import PR_MAX, FeatureSpace
+    from mct.metrics import fid as fidlib
+    from mct.metrics.precision_recall import precision_recall
+
+    if world.kind not in ("toy2d", "digits") or (world.kind == "digits" and
+                                                  (feature_path is None or not feature_path.exists())):
+        return None
+    with tempfile.TemporaryDirectory(prefix="mct-floor-") as tmp:
+        data = Path(tmp) / "data.npz"
+        world.prepare(data)  # the prepare stage's own code: the same splits as runs/data
+        train, _ = world.load_split(data, "train")
+        test, _ = world.load_split(data, "test")
+    space = FeatureSpace(world, feature_path if world.kind == "digits" else None, "cpu")
+    x = train[:num_samples]
+    fx, fr = space(x), space(test)
+    rec: dict[str, Any] = {"fid": fidlib.fid_from_stats(*fidlib.feature_stats(fx), *fidlib.feature_stats(fr)),
+                           "count": int(len(x)), "reference_count": int(len(test))}
+    p, r = precision_recall(fr[:PR_MAX], fx[:PR_MAX])
+    rec.update(precision=float(p), recall=float(r))
+    if world.kind == "toy2d":
+        from mct.metrics.modes import mode_statistics
+
+        m = world.mixture
+        rec.update(mode_statistics(x, m.means, m.weights, m.std))
+    return rec
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), *args],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+            f"torch threads {torch.get_num_threads()}, GPU: {gpu}")
+
+
+PROVENANCE_PACKAGES = ("torch", "accelerate", "dvc", "snakemake", "clean-fid", "numpy", "pandas", "matplotlib",
+                       "seaborn", "scikit-learn")
+
+
+def _versions() -> str:
+    import platform
+    from importlib import metadata
+
+    def v(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return ", ".join([f"python {platform.python_version()}"] + [f"{p} {v(p)}" for p in PROVENANCE_PACKAGES])
+
+
+def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[list[str], Table]:
+    """Paragraphs (code, machine, packages) and a per-run table (budget, seeds, samples, wall time).
+    Nothing here reads the clock: the date is the commit's, so a rebuild of the same inputs is identical."""
+    commit = _git("rev-parse", "HEAD")
+    date = _git("log", "-1", "--format=%cI")
+    code = (f"Code: commit {commit} of {date} (the commit's date, not the build time; uncommitted changes are "
+            "not recorded)." if commit else "Code: not a git checkout; commit unknown.")
+    run_machines = sorted({str(e.record["machine"]) for e in entries if e.record and e.record.get("machine")})
+    machine = (f"Machine that built this report: {_machine()}. Machine of the runs: "
+               + ("; ".join(run_machines) if run_machines else
+                  "not recorded in the evaluator records (the tables' timings come from the machine that ran "
+                  "each stage)") + ".")
+    paras = [code, machine, f"Packages (report build): {_versions()}."]
+    rows = []
+    for e in entries:
+        s = e.setting
+        if e.kind == "teacher":
+            t = params.teacher(e.name)
+            rows.append({"run": e.name, "kind": "teacher", "world": e.world,
+                         "iterations": t.iterations if t.kind == "train" else "fetched",
+                         "of paper budget": None, "seed": t.seed, "eval samples": None, "eval seed": None,
+                         "distill wall s": None, "wall time from": "-"})
+            continue
+        summary = _read_json(src.summary(e.name))
+        if summary and _number(summary.get("seconds_this_run")):
+            wall, how = summary["seconds_this_run"], "summary.json (last run)"
+        elif _number(e.get("sec_per_iter")):
+            wall, how = e.get("sec_per_iter") * s["iterations"], "estimate: sec/iter x iterations"
+        else:
+            wall, how = None, "not recorded"
+        rows.append({"run": e.name, "kind": "experiment", "world": e.world, "iterations": s["iterations"],
+                     "of paper budget": s["iterations"] / PAPER_ITERATIONS, "seed": s["seed"],
+                     "eval samples": s["eval_samples"], "eval seed": s["eval_seed"], "distill wall s": wall,
+                     "wall time from": how})
+    note = (f"'of paper budget': iterations over the paper's >= {PAPER_ITERATIONS:,} distillation iterations. "
+            "One seed per experiment unless the seed column lists several. Teachers: training iterations. "
+            "Per-stage wall times other than distillation are not recorded by the stages.")
+    return paras, Table("provenance", "Runs: budgets, seeds, sample counts, wall time",
+                        pd.DataFrame(rows, dtype=object), note)
+
+
 # --- figures ------------------------------------------------------------------------------------------------
 
 
@@ -435,16 +709,19 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def fig_k_sweep(world: str, entries: Sequence[Entry], k_members, toy: bool, path: Path) -> None:
+def fig_k_sweep(world: str, entries: Sequence[Entry], k_members, toy: bool, path: Path,
+                kind: str | None = None) -> None:
     import seaborn as sns
 
-    metrics = [("fid", "FID"), ("recall", "recall")] + ([("modes_covered", "modes covered")] if toy else [])
+    kind = kind or ("toy2d" if toy else "digits")
+    keys = ["fid", "recall"] + (["modes_covered"] if toy else [])
+    metrics = [(k, metric_name(k, kind)) for k in keys]
     rows = [{"K": k, "metric": label, "value": e.get(key)} for k, group in k_members for e in group
             for key, label in metrics if _number(e.get(key))]
     data = pd.DataFrame(rows, columns=["K", "metric", "value"])
     dis = [e for e in entries if e.kind == "experiment" and e.setting["method"] == "diff_instruct"]
     teachers = [e for e in entries if e.kind == "teacher"]
-    fig, axes = _figure(len(metrics))
+    fig, axes = _figure(len(metrics), size=(3.6, 3.2))
     for ax, (key, label) in zip(axes, metrics, strict=True):
         d = data[data["metric"] == label]
         if d.empty:
@@ -508,8 +785,26 @@ def _load_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None] | None:
         return f["x"], (f["labels"] if "labels" in f else None)
 
 
-def fig_toy_samples(world, entries: Sequence[Entry], src: Sources, path: Path,
-                    max_points: int = 2000) -> None:
+def _teacher_points(path: Path, world, tcfg, n: int) -> np.ndarray | None:
+    """n samples of a trained toy2d teacher (Heun, its evaluation steps, seed 0, CPU); None without the file."""
+    import torch
+
+    from mct.diffusion import edm_heun_sample
+    from mct.teacher import load_denoiser
+
+    if not path.exists():
+        return None
+    net, _ = load_denoiser(path, world)
+    latents = torch.randn((n, *world.data_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x, _ = edm_heun_sample(net.eval(), latents, None, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max)
+    return x.numpy()
+
+
+def fig_toy_samples(world, entries: Sequence[Entry], src: Sources, path: Path, max_points: int = 2000,
+                    teachers: Sequence[tuple[str, Any]] = ()) -> None:
+    """Panels: the data (a fresh draw from the true mixture), each teacher (``teachers``: (name, TeacherConfig),
+    sampled here from its checkpoint), then every experiment, each titled by its name and method."""
     import torch
 
     mix = world.mixture
@@ -521,24 +816,31 @@ def fig_toy_samples(world, entries: Sequence[Entry], src: Sources, path: Path,
     grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).float()
     logp = mix.log_prob(grid).numpy().reshape(gx.shape)
     levels = np.linspace(max(logp.max() - 10.0, logp.min()), logp.max(), 6)  # top 10 nats: each mode's core
-    exps = [e for e in entries if e.kind == "experiment"] or [None]
-    ncols = min(4, len(exps))
-    fig, axes = _figure(ncols, -(-len(exps) // ncols), size=(3.2, 3.2))
-    for ax in axes[len(exps):]:
+    panels: list[tuple[str, np.ndarray | None, str]] = [
+        ("data (true mixture)", mix.sample(max_points, torch.Generator().manual_seed(0)).numpy(), "C1")]
+    for name, tcfg in teachers:
+        pts = _teacher_points(src.teacher(name), world, tcfg, max_points)
+        panels.append((f"teacher {name}\n{heun_nfe(tcfg.sampler_steps)} NFE", pts, "C2"))
+    for e in (e for e in entries if e.kind == "experiment"):
+        s = _load_samples(src.samples(e.name))
+        panels.append((f"{e.name}\n{_method_label(e)}", None if s is None else s[0], "C0"))
+    ncols = min(5, len(panels))
+    fig, axes = _figure(ncols, -(-len(panels) // ncols), size=(2.3, 2.45))
+    for ax in axes[len(panels):]:
         ax.set_axis_off()
-    for ax, e in zip(axes, exps, strict=False):
+    for ax, (title, x, color) in zip(axes, panels, strict=False):
         ax.contourf(gx, gy, logp, levels=levels, cmap="Greys", alpha=0.5)
-        s = None if e is None else _load_samples(src.samples(e.name))
-        if s is None:
-            _not_run(ax, "samples: " + NOT_RUN)
+        if x is None:
+            _not_run(ax, "samples not found")
         else:
-            x = s[0][:max_points]
-            ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.6, color="C0", linewidths=0)
+            x = x[:max_points]
+            ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.6, color=color, linewidths=0)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_aspect("equal")
-        ax.set_title("no experiment" if e is None else f"{e.name}\n{_method_label(e)}", fontsize=9)
-    fig.suptitle(f"{world.name}: samples (blue) over the true mixture density (grey: top 10 nats of log p)")
+        ax.tick_params(labelsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{world.name}: {max_points:,} samples per panel over the true density (grey: top 10 nats)")
     _save(fig, path)
 
 
@@ -565,7 +867,7 @@ def fig_image_samples(world: str, entries: Sequence[Entry], src: Sources, figure
 
     exps = [e for e in entries if e.kind == "experiment"] or [None]
     ncols = min(4, len(exps))
-    fig, axes = _figure(ncols, -(-len(exps) // ncols), size=(3.2, 3.4))
+    fig, axes = _figure(ncols, -(-len(exps) // ncols), size=(2.7, 2.9))
     for ax in axes[len(exps):]:
         ax.set_axis_off()
     names = []
@@ -589,27 +891,28 @@ def fig_image_samples(world: str, entries: Sequence[Entry], src: Sources, figure
 
 
 def fig_speed(world: str, entries: Sequence[Entry], path: Path) -> None:
-    import seaborn as sns
-
-    rows = []
-    for e in (e for e in entries if e.kind == "experiment"):
-        if _number(e.get("samples_per_s")):
-            rows.append({"experiment": e.name, "model": "student (1 NFE)",
-                         "samples/s": e.get("samples_per_s")})
-        if _number(e.get("teacher_samples_per_s")):
-            rows.append({"experiment": e.name, "model": f"teacher ({e.get('teacher_nfe')} NFE)",
-                         "samples/s": e.get("teacher_samples_per_s")})
-    n = len({r["experiment"] for r in rows})
-    fig, (ax,) = _figure(size=(max(5.0, 1.2 * n + 2.5), 3.6))
+    """Student speed-up over the teacher (samples/s ratio, same process and batch) on a linear axis, with the
+    teacher's NFE as the reference line (the speed-up if time were proportional to network evaluations)."""
+    rows = [(e.name, e.get("speedup"), e.get("teacher_nfe")) for e in entries
+            if e.kind == "experiment" and _number(e.get("speedup"))]
+    fig, (ax,) = _figure(size=(8.0, 1.4 + 0.32 * max(1, len(rows))))
     if rows:
-        data = pd.DataFrame(rows).astype({"samples/s": float})
-        sns.barplot(data=data, x="experiment", y="samples/s", hue="model", errorbar=None, ax=ax)
-        ax.set_yscale("log")
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title=None)
+        names, ratio, nfe = zip(*rows, strict=True)
+        y = np.arange(len(rows))
+        ax.barh(y, ratio, color="C0", height=0.6)
+        ax.set_yticks(y, names)
+        ax.invert_yaxis()
+        for yi, r in zip(y, ratio, strict=True):
+            ax.text(r, yi, f" {r:.1f}x", va="center", fontsize=9)
+        for n in sorted({n for n in nfe if _number(n)}):
+            ax.axvline(n, ls="--", color="0.3", lw=1, label=f"teacher NFE = {n:g} (time proportional to NFE)")
+        ax.set_xlim(0, 1.15 * max(max(ratio), *(n for n in nfe if _number(n))))
+        ax.set_xlabel("speed-up: student samples/s / teacher samples/s (linear)")
+        if any(_number(n) for n in nfe):
+            ax.legend(loc="lower right", fontsize=8)
     else:
         _not_run(ax)
-    ax.set_title(f"{world}: student vs teacher sampling speed (same process, same batch)")
+    ax.set_title(f"{world}: one-step student speed-up over the teacher (same process, same batch)")
     _save(fig, path)
 
 
@@ -690,6 +993,7 @@ class Page:
 CSS = """body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
   color: #222; line-height: 1.45; }
 h1, h2, h3 { border-bottom: 1px solid #ddd; padding-bottom: .2em; }
+div.table { overflow-x: auto; max-width: 100%; }
 table.data { border-collapse: collapse; margin: .5em 0; font-size: 0.9em; }
 table.data th, table.data td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 table.data th { background: #f3f3f3; }
@@ -725,7 +1029,11 @@ def _describe(ref: dict[str, Any] | None) -> str:
             f"space {SPACE_LABELS[ref['space']]}, noise cancellation {cancel}, K={ref['K']}, "
             f"init {ref['init']}, gamma_eps={ref['gamma_eps']:g}, gamma_z={ref['gamma_z']:g}, "
             f"teacher {ref['teacher']}, {ref['iterations']} iterations, batch {ref['batch_size']}. "
-            f"Each ablation table varies one factor and keeps the rest at this setting.")
+            + ("The E-step uses the exact analytic score of the true mixture (distill.estep_teacher: analytic), "
+               "not the trained teacher network; the trained teacher is only the student's initialisation and "
+               "the speed and quality reference. " if ref.get("estep_teacher") == "analytic" else
+               "The E-step uses the trained teacher network's score. ")
+            + "Each ablation table varies one factor and keeps the rest at this setting.")
 
 
 # --- build --------------------------------------------------------------------------------------------------
@@ -734,7 +1042,8 @@ def _describe(ref: dict[str, Any] | None) -> str:
 def _write_table(t: Table, tables: Path) -> None:
     t.frame.to_csv(tables / f"{t.name}.csv", index=False, lineterminator="\n")
     tex = t.display().to_latex(index=False, escape=True, caption=t.title, label=f"tab:{t.name}")
-    (tables / f"{t.name}.tex").write_text(tex)
+    tex = tex.replace(UP, r"$\uparrow$").replace(DOWN, r"$\downarrow$")
+    (tables / f"{t.name}.tex").write_text(tex, encoding="utf-8")
 
 
 def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
@@ -755,12 +1064,41 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     metrics = {e.name: metrics_record(e, kinds[e.world]) for e in entries}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
+    from mct.claims import CLAIMS, evaluate_claims
+
     suite_name = suite or params.suite
     page = Page(f"Mode-Covering Training report: suite {suite_name}")
     ran = sum(e.record is not None for e in entries)
     page.p(f"{ran} of {len(entries)} teachers and experiments have metrics; the others show as '{NOT_RUN}'. "
            f"Machine-readable metrics: metrics.json.")
+    ran_exps = [e for e in entries if e.kind == "experiment" and e.record is not None]
+    no_samples = sum(not src.samples(e.name).exists() for e in ran_exps)
+    no_logs = sum(not src.log(e.name).exists() for e in ran_exps)
+    if no_samples or no_logs:
+        page.p(f"Inputs missing from this build: {no_samples} of {len(ran_exps)} evaluated experiments have no "
+               f"samples file and {no_logs} no training log under {src.runs}/ (the runs' large outputs, kept in "
+               "the DVC cache, not in git). Their sample panels, gradient-norm columns and training curves are "
+               "empty; `dvc repro` (or `dvc pull` from a remote) restores them. Every number in the tables comes "
+               "from the evaluator records and is unaffected.")
     worlds = params.suite_worlds(suite)
+    results = evaluate_claims(CLAIMS, seed_records(entries, src), worlds)
+    page.h(2, "Claims")
+    if results:
+        page.table(claims_table(results, kinds))
+    else:
+        page.p("No claim of mct.claims.CLAIMS is testable in this suite: it does not run the experiments they "
+               "compare.")
+    page.p("Metrics. " + METRIC_DEFINITIONS)
+    page.h(2, "Provenance")
+    paras, prov = provenance(entries, src, params)
+    for text in paras:
+        page.p(text)
+    page.table(prov)
+
+    def discuss(w: str, table: str, we: Sequence[Entry]) -> None:
+        for text in discussion(results, table, w, we, kinds[w]):
+            page.p(text)
+
     per_world: dict[str, dict[str, Any]] = {}
     for w in worlds:
         we = [e for e in entries if e.world == w]
@@ -769,42 +1107,57 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
         logs = {e.name: read_log(src.log(e.name)) for e in we if e.kind == "experiment"}
         members = {ab.name: ablation_members(ab, ref, we) for ab in ABLATIONS}
         per_world[w] = {"entries": we, "reference": ref, "k_members": members["K"]}
+        world = make_world(w, params.worlds[w])
+        exps = [e for e in we if e.kind == "experiment"]
+        floor = noise_floor(world, exps[0].setting["eval_samples"], src.feature_net(w)) if exps else None
         page.h(2, f"World {w} ({kinds[w]})")
-        page.table(main_table(w, we, members["K"], toy))
+        page.table(main_table(w, we, members["K"], toy, kinds[w], floor))
+        if floor is None and kinds[w] == "digits":
+            page.p("Noise floor (training against held-out split through the same metrics): not computed in this "
+                   f"build, which has no digits feature network ({src.feature_net(w)}).")
+        discuss(w, "main", we)
         page.h(3, "Ablations")
         page.p(_describe(ref))
         for ab in ABLATIONS:
-            page.table(ablation_table(w, ab, members[ab.name], toy, logs))
+            page.table(ablation_table(w, ab, members[ab.name], toy, logs, kinds[w]))
+            discuss(w, ab.name, we)
         page.table(cost_table(w, we, members["K"]))
+        discuss(w, "cost", we)
         page.h(3, "Figures")
-        with sns.axes_style("whitegrid"):  # a context: the caller's matplotlib settings stay as they were
-            fig_k_sweep(w, we, members["K"], toy, figures / f"{w}_k_sweep.png")
+        teachers = [(e.name, params.teacher(e.name)) for e in we if e.kind == "teacher"]
+        # Contexts: the caller's matplotlib settings stay as they were.
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+            fig_k_sweep(w, we, members["K"], toy, figures / f"{w}_k_sweep.png", kinds[w])
             fig_noise(w, members["noise"], logs, figures / f"{w}_noise_cancellation.png")
             if toy:
-                fig_toy_samples(make_world(w, params.worlds[w]), we, src, figures / f"{w}_samples.png")
+                fig_toy_samples(world, we, src, figures / f"{w}_samples.png", teachers=teachers)
                 grids = []
             else:
                 grids = fig_image_samples(w, we, src, figures)
             fig_speed(w, we, figures / f"{w}_speed.png")
-        page.figure(f"{w}_k_sweep.png", f"{w}: FID, recall{', modes covered' if toy else ''} against K "
+        fd = _plain(metric_name("fid", kinds[w]))
+        page.figure(f"{w}_k_sweep.png", f"{w}: {fd}, recall{', modes covered' if toy else ''} against K "
                                         "(Diff-Instruct dashed, teacher dotted)")
         page.figure(f"{w}_noise_cancellation.png", f"{w}: generator gradient norm and loss over training, "
                                                    "with and without noise cancellation (running mean)")
-        page.figure(f"{w}_samples.png", f"{w}: samples of each experiment" + (" over the true mixture density"
-                                                                              if toy else ", as image grids"))
+        page.figure(f"{w}_samples.png", f"{w}: the data, the teacher and each experiment over the true "
+                                        "mixture density" if toy else f"{w}: samples of each experiment, "
+                                                                      "as image grids")
         for name in grids:
             page.figure(name, f"{w}: sample grid {name}")
-        page.figure(f"{w}_speed.png", f"{w}: samples per second, student against teacher")
+        page.figure(f"{w}_speed.png", f"{w}: speed-up of each one-step student over the teacher (ratio of "
+                                      "samples per second; dashed: the teacher's NFE)")
         page.h(3, "All experiments")
-        page.table(experiments_table(w, we, toy))
+        page.table(experiments_table(w, we, toy, kinds[w]))
     page.h(2, "Paper-scale results")
-    page.table(paper_table(params, worlds, per_world))
+    for t in paper_tables(params, worlds, per_world):
+        page.table(t)
 
     for b in page.blocks:
         if b[0] == "table":
             _write_table(b[1], tables)
-    (out / "index.md").write_text(page.markdown())
-    (out / "index.html").write_text(page.html())
+    (out / "index.md").write_text(page.markdown(), encoding="utf-8")
+    (out / "index.html").write_text(page.html(), encoding="utf-8")
 
 
 OWNED_DIRS = ("tables", "figures")
