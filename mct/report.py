@@ -511,10 +511,11 @@ def claims_table(results: Sequence[Any], kinds: dict[str, str]) -> Table:
     for r in results:
         c = r.claim
         side = "< 0" if c.better == "lower" else "> 0"
-        rows.append({"claim": c.text, "world": r.world, "metric": _plain(metric_name(c.metric, kinds[r.world])),
-                     "compared": " vs ".join(r.compared) if c.kind == "paired" else ", ".join(r.compared),
-                     "effect": effect_unit(r), "paper predicts": side, "n (seeds)": r.n, "mean": r.mean,
-                     "95% CI low": r.lo, "95% CI high": r.hi, "verdict": r.label})
+        rows.append({"claim": c.text, "world": r.world, "verdict": r.label, "n (seeds)": r.n, "mean": r.mean,
+                     "95% CI low": r.lo, "95% CI high": r.hi, "paper predicts": side,
+                     "effect": effect_unit(r) + (f" (linear fit R^2 {r.extra['r2']:.3f})" if "r2" in r.extra else ""),
+                     "metric": _plain(metric_name(c.metric, kinds[r.world])),
+                     "compared": " vs ".join(r.compared) if c.kind == "paired" else ", ".join(r.compared)})
     from mct.claims import LINEAR_R2
 
     note = ("Paired across the seeds that every compared experiment shares: per seed the difference A - B "
@@ -662,7 +663,7 @@ def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[
             t = params.teacher(e.name)
             rows.append({"run": e.name, "kind": "teacher", "world": e.world,
                          "iterations": t.iterations if t.kind == "train" else "fetched",
-                         "of paper budget": None, "seed": t.seed, "eval samples": None, "eval seed": None,
+                         "% of paper budget": None, "seeds": t.seed, "eval samples": None, "eval seed": None,
                          "distill wall s": None, "wall time from": "-"})
             continue
         summary = _read_json(src.summary(e.name))
@@ -672,12 +673,15 @@ def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[
             wall, how = e.get("sec_per_iter") * s["iterations"], "estimate: sec/iter x iterations"
         else:
             wall, how = None, "not recorded"
+        seeds = (e.record or {}).get("seeds")
         rows.append({"run": e.name, "kind": "experiment", "world": e.world, "iterations": s["iterations"],
-                     "of paper budget": s["iterations"] / PAPER_ITERATIONS, "seed": s["seed"],
+                     "% of paper budget": 100 * s["iterations"] / PAPER_ITERATIONS,
+                     "seeds": ", ".join(map(str, seeds)) if isinstance(seeds, list) and seeds else s["seed"],
                      "eval samples": s["eval_samples"], "eval seed": s["eval_seed"], "distill wall s": wall,
                      "wall time from": how})
-    note = (f"'of paper budget': iterations over the paper's >= {PAPER_ITERATIONS:,} distillation iterations. "
-            "One seed per experiment unless the seed column lists several. Teachers: training iterations. "
+    note = (f"'% of paper budget': iterations against the paper's >= {PAPER_ITERATIONS:,} distillation "
+            "iterations. seeds: the distillation seeds whose records the report read (one unless several are "
+            "listed). Teachers: training iterations. "
             "Per-stage wall times other than distillation are not recorded by the stages.")
     return paras, Table("provenance", "Runs: budgets, seeds, sample counts, wall time",
                         pd.DataFrame(rows, dtype=object), note)
@@ -997,7 +1001,7 @@ div.table { overflow-x: auto; max-width: 100%; }
 table.data { border-collapse: collapse; margin: .5em 0; font-size: 0.9em; }
 table.data th, table.data td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 table.data th { background: #f3f3f3; }
-table.data td:first-child, table.data th:first-child { text-align: left; }
+table.data td:first-child, table.data th:first-child { text-align: left; min-width: 14em; }
 p.caption { font-weight: bold; margin-bottom: .2em; }
 p.note, p.files { font-size: 0.85em; color: #555; margin-top: .2em; }
 figure { margin: 1em 0; }

@@ -35,6 +35,7 @@ _NAME = re.compile(r"state-(\d{9})\.pt")
 # Files of the pre-v1 layout (RNG saved apart from the weights, not tied to a step): never resumed from.
 LEGACY = ("checkpoint.pt", "rng.rank*.pt")
 
+WRITER: Callable[[Any, Path], None] = torch.save
 # Test hook: called with a save point's name ("tmp-written", "renamed", "pruned"); raising there is a kill at that
 # point. None in production.
 FAULT_HOOK: Callable[[str], None] | None = None
@@ -98,18 +99,18 @@ def _warn(msg: str) -> None:
 
 
 def save_state(work_dir: Path, state: dict[str, Any], keep: int = KEEP,
-               writer: Callable[[Any, Path], None] = torch.save) -> Path:
+               writer: Callable[[Any, Path], None] | None = None) -> Path:
     """Write ``state`` (which carries its ``step``) as one durable file; prune older states beyond ``keep``.
 
     A non-finite tensor refuses the save (ValueError naming it) before anything is written. ``writer`` is
-    ``torch.save`` (tests inject failing writers: a full disk must lose nothing already saved).
+    :data:`WRITER` by default (tests inject failing writers: a full disk must lose nothing already saved).
     """
     bad = non_finite(state)
     if bad:
         raise ValueError(f"refusing to checkpoint step {state['step']}: {bad} is not finite")
     dest = state_path(work_dir, int(state["step"]))
     with atomic_path(dest) as tmp:
-        writer({"format": FORMAT, **state}, tmp)
+        (writer or WRITER)({"format": FORMAT, **state}, tmp)
         _hook("tmp-written")
     _hook("renamed")
     for _, old in list_states(work_dir)[keep:]:
@@ -178,6 +179,8 @@ def load_latest(work_dir: Path, fingerprint: str, world_size: int, is_main: bool
         break
     barrier()
     if is_main:
+        for tmp in work_dir.glob(".state-*.tmp"):  # what a kill during a save left behind (never a state)
+            tmp.unlink(missing_ok=True)
         for path, why in rejected:
             aside = path.with_name(path.name + ".corrupt")
             os.replace(path, aside)

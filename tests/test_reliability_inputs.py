@@ -1,0 +1,174 @@
+"""Bad inputs are refused cleanly (issue 11, findings 5 and 6): each class of malformed params or data gets its own
+case and its expected message; params problems stop `mct` with exit status 2 naming the dotted key or the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import yaml
+
+from mct import config
+from mct.cli import main
+from mct.worlds.imagenet import DatasetError, ImageSource, prepare_imagenet
+
+from .conftest import TINY_RAW
+
+
+def _raw() -> dict:
+    raw = copy.deepcopy(TINY_RAW)
+    raw["worlds"]["imnet"] = {"kind": "imagenet", "resolution": 64, "source": "in.zip"}
+    raw["teachers"]["imnet_edm"] = {"world": "imnet", "kind": "fetch", "arch": "edm", "source": "t.pkl"}
+    return raw
+
+
+@pytest.fixture
+def params_file(tmp_path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_raw()))
+    return path
+
+
+def _validate(capsys, params: Path | str, *overrides: str) -> tuple[int, str]:
+    argv = ["validate", "--params", str(params)]
+    for o in overrides:
+        argv += ["-S", o]
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+E = "experiments.tiny_emd"
+# (override, expected message after "mct: invalid params: "): one per class of bad value the campaign found.
+BAD_VALUES = [
+    # infinity passed every `> 0` check (22 values); these are the ones the issue names, plus a teacher's lr
+    (f"{E}.distill.lr_g=.inf", f"{E}.distill.lr_g: must be a finite number (got inf)"),
+    (f"{E}.distill.gamma_eps=.inf", f"{E}.distill.gamma_eps: must be a finite number"),
+    (f"{E}.distill.z_step_ref=.inf", f"{E}.distill.z_step_ref: must be a finite number"),
+    (f"{E}.student.sigma_init=.inf", f"{E}.student.sigma_init: must be a finite number"),
+    (f"{E}.distill.dsm_sigma.p_std=.inf", f"{E}.distill.dsm_sigma.p_std: must be a finite number"),
+    ("worlds.toy2d.spacing=.inf", "worlds.toy2d.spacing: must be a finite number"),
+    ("teachers.toy2d_mlp.lr=.inf", "teachers.toy2d_mlp.lr: must be a finite number"),
+    (f"{E}.distill.grad_clip=-.inf", f"{E}.distill.grad_clip: must be a finite number"),
+    # NaN was unchecked where no range check existed
+    (f"{E}.distill.dsm_sigma.p_mean=.nan", f"{E}.distill.dsm_sigma.p_mean: must be a finite number (got nan)"),
+    (f"{E}.student.log_snr_init=.nan", f"{E}.student.log_snr_init: must be a finite number"),
+    (f"{E}.distill.seed=.nan", f"{E}.distill.seed: expected an integer"),
+    # no upper bounds: 10^9 hung or failed to allocate later
+    (f"{E}.distill.K=1000000000", f"{E}.distill.K: must be <= {config.MAX_K:,}"),
+    (f"{E}.distill.batch_size=1000000000", f"{E}.distill.batch_size: must be <= {config.MAX_BATCH:,}"),
+    (f"{E}.distill.iterations=1000000000", f"{E}.distill.iterations: must be <= {config.MAX_ITERATIONS:,}"),
+    (f"{E}.eval.num_samples=1000000000", f"{E}.eval.num_samples: must be <= {config.MAX_SAMPLES:,}"),
+    (f"{E}.distill.num_processes=100000", f"{E}.distill.num_processes: must be <= {config.MAX_PROCESSES:,}"),
+    ("teachers.toy2d_mlp.batch_size=1000000000", f"teachers.toy2d_mlp.batch_size: must be <= {config.MAX_BATCH:,}"),
+    # checks that failed later, without the key
+    ("worlds.imnet.max_images=-5", "worlds.imnet.max_images: must be >= 0 (got -5)"),
+    ("worlds.imnet.resolution=48", "worlds.imnet.resolution: the U-Nets take a power of two >= 8"),
+    ("teachers.imnet_edm.sha256=abc123", "teachers.imnet_edm.sha256: must be 64 hex digits"),
+    # -S values and keys that are not what they must be
+    (f"{E}.distill.K=[1", f"{E}.distill.K: the value '[1' (-S) is not valid YAML"),
+    ("suites.smoke.extra=1", "suites.smoke.extra: cannot set a key below a non-mapping"),
+    ("=3", "<empty>: not a dotted key"),
+    ("suite=", "suite: empty; name one of the suites"),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_bad_value_exits_2_naming_the_key(capsys, params_file, override, expected):
+    code, err = _validate(capsys, params_file, override)
+    assert code == 2 and f"mct: invalid params: {expected}" in err, err
+
+
+def test_good_params_still_validate(capsys, params_file):
+    code, _ = _validate(capsys, params_file, "teachers.imnet_edm.sha256=" + "ab" * 32, "worlds.imnet.max_images=0")
+    assert code == 0
+
+
+# (file contents or a callable making the path, expected message): one per class of malformed params file.
+BAD_FILES = {
+    "list": (b"- suite\n- worlds\n", "must hold a mapping at the top level, not a list"),
+    "scalar": (b"42\n", "must hold a mapping at the top level, not a int"),
+    "empty": (b"", "is empty"),
+    "comments-only": (b"# nothing\n", "is empty"),
+    "yaml-error": (b"suite: [smoke\n", "is not valid YAML"),
+    "tab-indent": (b"suite: smoke\n\tworlds: {}\n", "is not valid YAML"),
+    "non-utf8": (b"suite: \xff\xfe\n", "is not UTF-8 text"),
+    "directory": (None, "is not a regular file"),
+    "missing": (None, "file not found"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_malformed_params_file_exits_2_naming_the_file(capsys, tmp_path, kind):
+    data, expected = BAD_FILES[kind]
+    path = tmp_path / "params.yaml"
+    if kind == "directory":
+        path.mkdir()
+    elif data is not None:
+        path.write_bytes(data)
+    code, err = _validate(capsys, path)
+    assert code == 2 and "mct: invalid params: params: " in err and expected in err and str(path) in err, err
+
+
+def test_snakemake_empty_suite_is_an_error(tmp_path):
+    """`snakemake --config suite=` ran the default suite silently; now it stops naming the key."""
+    from tests.test_dag import scratch_copy, snakemake
+
+    root = scratch_copy(tmp_path / "repo")
+    r = snakemake(root, "-n", "--config", "suite=")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "suite: empty" in out, out[-2000:]
+
+
+# --- image data --------------------------------------------------------------------------------------------
+
+
+def _png(rgb: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (8, 8)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.full((size[1], size[0], 3), rgb, np.uint8)).save(buf, format="png")
+    return buf.getvalue()
+
+
+def test_a_fifo_named_like_an_image_is_skipped(tmp_path):
+    """A FIFO named b.png made `prepare` wait forever on open(); only regular files are listed now."""
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    (src / "a.png").write_bytes(_png())
+    os.mkfifo(src / "b.png")
+    assert ImageSource(tmp_path / "src").names == ["cls/a.png"]
+    out = prepare_imagenet(tmp_path / "src", tmp_path / "out.zip", 8, progress=False)
+    assert out.num_images == 1
+
+
+@pytest.mark.parametrize(("labels", "expected"), [
+    ([["c/a.png", -3]], "label -3 of c/a.png is outside [0, 10)"),
+    ([["c/a.png", 10_000_000]], "label 10000000 of c/a.png is outside [0, 10)"),
+    ([["c/a.png", "x"]], "labels must be [name, integer] pairs"),
+    ([["c/a.png", 1.5]], "labels must be [name, integer] pairs"),
+])
+def test_labels_outside_the_class_count_are_refused(tmp_path, labels, expected):
+    """dataset.json labels -3 or 10^7 were archived as they were."""
+    src = tmp_path / "src.zip"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("c/a.png", _png())
+        z.writestr("dataset.json", json.dumps({"labels": labels}))
+    with pytest.raises(DatasetError, match=None) as err:
+        prepare_imagenet(src, tmp_path / "out.zip", 8, progress=False, num_classes=10)
+    assert expected in str(err.value)
+    assert not (tmp_path / "out.zip").exists()
+
+
+def test_truncated_and_non_image_files_are_refused_naming_them(tmp_path):
+    src = tmp_path / "src.zip"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("c/a.png", _png()[:40])
+    with pytest.raises(DatasetError, match=r"cannot read image c/a\.png"):
+        prepare_imagenet(src, tmp_path / "out.zip", 8, progress=False)
