@@ -1,4 +1,4 @@
-# mct workflow: the same stages as dvc.yaml, read from params.yaml (the single source of truth).
+# mct workflow: the stages of mct/stages.py (the same table dvc.yaml is generated from), read from params.yaml.
 #
 #   snakemake --cores all                       the default suite's report (params.yaml `suite`)
 #   snakemake --cores all --config suite=smoke  another suite
@@ -9,7 +9,10 @@
 #
 # params.yaml is validated (mct.config.load_params) while this file is read, so a bad key or an unknown
 # suite stops everything with the message naming the key, before any job starts. Each rule calls one
-# `mct <stage>`; its `params: settings` hold the resolved settings, so a changed experiment reruns.
+# `mct <stage>`; a job reruns when its inputs, its code (the mct modules it imports) or its settings change.
+
+from pathlib import Path
+
 
 configfile: "params.yaml"
 
@@ -20,13 +23,6 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 
 
-wildcard_constraints:
-    world=any_of(P.worlds),
-    teacher=any_of(P.teachers),
-    experiment=any_of(P.experiments),
-    ext="npz|zip",
-
-
 localrules:
     all,
 
@@ -34,14 +30,9 @@ localrules:
 rule all:
     default_target: True
     input:
-        list(REPORT_OUTPUTS.values()),
-        # the suite's own records too: the report files exist for every suite, these say which suite ran
-        [str(paths.experiment_metrics(e)) for e in EXPERIMENTS],
-        [str(paths.teacher_metrics(t)) for t in TEACHERS],
+        # the report, and the suite's own records too: the report files exist for every suite, these say which ran
+        [p for (stage, _), j in JOBS.items() if stage in ("report", "evaluate", "teacher_eval")
+         for p in j.outputs.values()],
 
 
-include: "workflow/rules/data.smk"
-include: "workflow/rules/teacher.smk"
-include: "workflow/rules/distill.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/report.smk"
+include: "workflow/rules/stages.smk"

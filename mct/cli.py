@@ -31,6 +31,12 @@ def _world(params: Params, name: str):
     return make_world(name, params.worlds[name])
 
 
+def _run(params: Params, args: argparse.Namespace):
+    """The experiment's settings for this run and the run's name (mct.paths.run_name): with --run-seed K,
+    distill.seed is K and the outputs go under <experiment>/seedK (one run of the experiment's `seeds`)."""
+    return params.run_config(args.experiment, args.run_seed), paths.run_name(args.experiment, args.run_seed)
+
+
 def _teacher_path(params: Params, name: str) -> Path:
     params.teacher(name)  # unknown names fail here, naming the key
     return paths.teacher_file(name)
@@ -89,10 +95,10 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_init_student(args: argparse.Namespace) -> int:
     from mct.student import init_student
     params = _params(args)
-    exp = params.experiment(args.experiment)
+    exp, run = _run(params, args)
     world = _world(params, exp.world)
     teacher = Path(args.teacher or _teacher_path(params, exp.teacher))
-    out = Path(args.out or paths.student_init(args.experiment))
+    out = Path(args.out or paths.student_init(run))
     info = init_student(world, exp, teacher, out)
     print(f"student {args.experiment} -> {out}: {info}")
     return 0
@@ -101,13 +107,13 @@ def cmd_init_student(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from mct.train import distill
     params = _params(args)
-    exp = params.experiment(args.experiment)
+    exp, run = _run(params, args)
     world = _world(params, exp.world)
     summary = distill(world, exp,
                       Path(args.teacher or _teacher_path(params, exp.teacher)),
-                      Path(args.student or paths.student_init(args.experiment)),
-                      Path(args.out or paths.distill_dir(args.experiment)),
-                      Path(args.work or paths.work_dir(args.experiment)),
+                      Path(args.student or paths.student_init(run)),
+                      Path(args.out or paths.distill_dir(run)),
+                      Path(args.work or paths.work_dir(run)),
                       progress=not args.no_progress, stop_after=args.stop_after)
     print(f"distilled {args.experiment}: {summary}")
     return 0
@@ -123,9 +129,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from mct.io import atomic_path
     from mct.student import generate_all, load_generator
     params = _params(args)
-    exp = params.experiment(args.experiment)
+    exp, run = _run(params, args)
     world = _world(params, exp.world)
-    gen = load_generator(Path(args.generator or paths.distill_dir(args.experiment) / "generator.pt"), world, "ema")
+    gen = load_generator(Path(args.generator or paths.distill_dir(run) / "generator.pt"), world, "ema")
     n = args.num or exp.eval.num_samples
     seed = exp.eval.seed if args.seed is None else args.seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,7 +145,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     x, y = generate_all(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device, uint8=uint8)
     if not main_process:
         return 0
-    out = Path(args.out or paths.samples_file(args.experiment))
+    out = Path(args.out or paths.samples_file(run))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, x=x.numpy(), **({"labels": y.numpy()} if y is not None else {}))
@@ -191,13 +197,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mct.evaluate import evaluate_experiment
 
     params = _params(args)
-    exp = params.experiment(args.experiment)
+    exp, run = _run(params, args)
     world = _world(params, exp.world)
     rec = evaluate_experiment(world, args.experiment, exp, params.teacher(exp.teacher),
-                              paths.samples_file(args.experiment), paths.distill_dir(args.experiment),
+                              paths.samples_file(run), paths.distill_dir(run),
                               _teacher_path(params, exp.teacher), _feature_path(world),
                               paths.reference_stats(world.name),
-                              Path(args.out or paths.experiment_metrics(args.experiment)))
+                              Path(args.out or paths.experiment_metrics(run)))
     print(json.dumps(rec, indent=1))
     return 0
 
@@ -221,6 +227,8 @@ def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
 # (name, help, handler, extra options); every stage also takes the common options of _common().
 _NAME = {"required": True}
 _INT = {"type": int, "default": None}
+_RUN_SEED = {"--run-seed": {"type": int, "default": None, "metavar": "K",
+                            "help": "one seed of the experiment's `seeds`: distill.seed = K, outputs under E/seedK"}}
 STAGES: list[tuple[str, str, object, dict[str, dict]]] = [
     ("validate", "check params.yaml and list a suite's experiments", cmd_validate, {"--suite": {}}),
     ("prepare", "prepare a world's data", cmd_prepare, {"--world": _NAME, "--out": {}}),
@@ -232,13 +240,13 @@ STAGES: list[tuple[str, str, object, dict[str, dict]]] = [
     ("teacher-eval", "metrics of the teacher's multistep sampler", cmd_teacher_eval,
      {"--teacher": _NAME, "--num": _INT, "--seed": {"type": int, "default": 4321}, "--out": {}}),
     ("init-student", "initialise the one-step generator and score network", cmd_init_student,
-     {"--experiment": _NAME, "--teacher": {}, "--out": {}}),
+     {**_RUN_SEED, "--experiment": _NAME, "--teacher": {}, "--out": {}}),
     ("distill", "EM distillation (resumes from its last checkpoint)", cmd_distill,
-     {"--experiment": _NAME, "--teacher": {}, "--student": {}, "--out": {}, "--work": {},
+     {**_RUN_SEED, "--experiment": _NAME, "--teacher": {}, "--student": {}, "--out": {}, "--work": {},
       "--stop-after": {"type": int, "default": None, "help": argparse.SUPPRESS}}),
     ("sample", "draw one-step samples from a distilled generator", cmd_sample,
-     {"--experiment": _NAME, "--generator": {}, "--out": {}, "--num": _INT, "--seed": _INT}),
-    ("evaluate", "metrics of a distilled experiment", cmd_evaluate, {"--experiment": _NAME, "--out": {}}),
+     {**_RUN_SEED, "--experiment": _NAME, "--generator": {}, "--out": {}, "--num": _INT, "--seed": _INT}),
+    ("evaluate", "metrics of a distilled experiment", cmd_evaluate, {**_RUN_SEED, "--experiment": _NAME, "--out": {}}),
     ("report", "tables and figures of a suite into reports/", cmd_report, {"--suite": {}, "--out": {}}),
 ]
 

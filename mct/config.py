@@ -63,6 +63,12 @@ def _sha256(v: Any) -> str | None:
     return None if re.fullmatch(r"[0-9a-fA-F]{64}", v) else f"must be 64 hex digits (`sha256sum FILE`), got {v!r}"
 
 
+def _seed_list(v: Any) -> str | None:
+    if not v or len(set(v)) != len(v) or min(v) < 0:
+        return f"must be a non-empty list of distinct seeds >= 0 (got {list(v)})"
+    return None
+
+
 def _check(fn):  # field metadata helper
     return {"check": fn}
 
@@ -210,10 +216,13 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # One run per seed (distill.seed = the seed; outputs under <experiment>/seed<k>, mct.paths.run_name).
+    # None: the suite's seeds, else one run with distill.seed as given (outputs under <experiment>).
+    seeds: list[int] | None = field(default=None, metadata=_check(_seed_list))
 
     @property
     def method_name(self) -> str:
-        """'diff_instruct' for the K=1, gamma_z=0 corner with cancellation (METHOD.md), else 'emd'."""
+        """'diff_instruct' for the K=1, gamma_z=0 corner with cancellation (docs/method.md), else 'emd'."""
         if self.method is not None:
             return self.method
         d = self.distill
@@ -229,6 +238,7 @@ class Params:
     templates: dict[str, dict[str, Any]]
     experiments: dict[str, ExperimentConfig]
     suites: dict[str, list[str]]
+    suite_seeds: dict[str, list[int]] = field(default_factory=dict)  # suites given as {experiments, seeds}
 
     def suite_experiments(self, suite: str | None = None) -> list[str]:
         name = suite or self.suite
@@ -246,6 +256,21 @@ class Params:
         if name not in self.experiments:
             raise ConfigError(f"experiments: unknown experiment {name!r}; known: {sorted(self.experiments)}")
         return self.experiments[name]
+
+    def experiment_seeds(self, name: str, suite: str | None = None) -> list[int] | None:
+        """The experiment's seeds in a suite: its own (or its template's), else the suite's, else None (one run)."""
+        return self.experiment(name).seeds or self.suite_seeds.get(suite or self.suite)
+
+    def suite_runs(self, suite: str | None = None) -> list[tuple[str, int | None]]:
+        """(experiment, seed) of every run of a suite; seed None: the experiment's single unseeded run."""
+        return [(e, s) for e in self.suite_experiments(suite) for s in (self.experiment_seeds(e, suite) or [None])]
+
+    def run_config(self, name: str, seed: int | None) -> ExperimentConfig:
+        """The settings one run uses: distill.seed is the run's seed (``seeds`` dropped: it names runs only)."""
+        exp = self.experiment(name)
+        if seed is None:
+            return exp
+        return dataclasses.replace(exp, seeds=None, distill=dataclasses.replace(exp.distill, seed=seed))
 
     def teacher(self, name: str) -> TeacherConfig:
         if name not in self.teachers:
@@ -375,6 +400,29 @@ def _check_fetched_arch(key: str, t: TeacherConfig, world: WorldConfig) -> None:
                               f"num_classes {world.num_classes}")
 
 
+@dataclass(frozen=True)
+class SuiteConfig:
+    """A suite written as a mapping: its experiments and the seeds each runs (unless an experiment sets its own)."""
+
+    experiments: list[str]
+    seeds: list[int] | None = field(default=None, metadata=_check(_seed_list))
+
+
+def _parse_suites(raw: Any) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+    """suites: {name: [experiment, ...]} or {name: {experiments: [...], seeds: [0, 1, 2]}}."""
+    specs = _coerce(raw, dict[str, Any], "suites")
+    suites, seeds = {}, {}
+    for name, spec in specs.items():
+        if isinstance(spec, dict):
+            s = build(SuiteConfig, spec, f"suites.{name}")
+            suites[name] = s.experiments
+            if s.seeds is not None:
+                seeds[name] = s.seeds
+        else:
+            suites[name] = _coerce(spec, list[str], f"suites.{name}")
+    return suites, seeds
+
+
 TOP_LEVEL = ("suite", "worlds", "teachers", "templates", "experiments", "suites")
 
 
@@ -390,7 +438,7 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
     worlds = _coerce(raw["worlds"], dict[str, WorldConfig], "worlds")
     teachers = _coerce(raw["teachers"], dict[str, TeacherConfig], "teachers")
     templates = _coerce(raw["templates"], dict[str, dict[str, Any]], "templates")
-    suites = _coerce(raw["suites"], dict[str, list[str]], "suites")
+    suites, suite_seeds = _parse_suites(raw["suites"])
     if raw["suite"] in (None, ""):  # e.g. `snakemake --config suite=`
         raise ConfigError(f"suite: empty; name one of the suites {sorted(raw['suites'] or {})}")
     suite = _coerce(raw["suite"], str, "suite")
@@ -433,7 +481,7 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
                 raise ConfigError(f"suites.{sname}[{i}]: unknown experiment {e!r}")
     if suite not in suites:
         raise ConfigError(f"suite: unknown suite {suite!r}; known suites: {sorted(suites)}")
-    params = Params(suite, worlds, teachers, templates, experiments, suites)
+    params = Params(suite, worlds, teachers, templates, experiments, suites, suite_seeds)
     return params
 
 

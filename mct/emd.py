@@ -1,6 +1,6 @@
 """EM distillation (Mode-Covering Training): E-step samplers, noise cancellation, M-step and DSM losses.
 
-Everything here is a pure function of tensors and modules (VE convention, alpha_t = 1; see METHOD.md):
+Everything here is a pure function of tensors and modules (VE convention, alpha_t = 1; see docs/method.md):
   x_t = g(z) + sigma eps,  d = eps_psi(x_t) - eps_phi(x_t)  (score network minus teacher)
   grad_eps log rho = d - eps,  grad_z log rho = (1 / sigma) J_g(z)^T d - z            ("eps_z" space)
 The M-step loss  -w(sigma) / sigma * <sg(eps_tilde), g(sg(z_K))>  has gradient -w/sigma J^T eps_tilde.
@@ -65,7 +65,7 @@ class Generator(nn.Module):
     """One-step generator g(z) = D(sigma_init z, sigma_init, labels) around a copy of a teacher denoiser.
 
     With D the teacher, g maps the prior to the teacher's posterior mean at noise level sigma_init, which is where
-    distillation starts (METHOD.md, Initialisation). dim z = dim x.
+    distillation starts (docs/method.md, The model). dim z = dim x.
     """
 
     def __init__(self, denoiser: nn.Module, sigma_init: float) -> None:

@@ -17,6 +17,14 @@ def teacher_file(teacher: str) -> Path:
     return RUNS / "teachers" / teacher / "teacher.pt"
 
 
+def run_name(exp: str, seed: int | None) -> str:
+    """The name of one run of an experiment, which the per-run paths below take in place of the experiment:
+    ``exp`` for an experiment without ``seeds`` (one run), ``exp/seed<k>`` for seed k. So seed 1 of toy2d_di
+    writes runs/experiments/toy2d_di/seed1/{student_init.pt,distill/,samples.npz}, runs/work/toy2d_di/seed1 and
+    reports/experiments/toy2d_di/seed1.json."""
+    return exp if seed is None else f"{exp}/seed{seed}"
+
+
 def student_init(exp: str) -> Path:
     return RUNS / "experiments" / exp / "student_init.pt"
 

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from mct import paths
+from mct.aggregate import read_experiment  # seeds: mean, std, n, 95% t-interval
 from mct.config import ExperimentConfig, Params
 from mct.diffusion import heun_nfe
 
@@ -160,7 +161,7 @@ def collect(params: Params, suite: str | None, src: Sources) -> list[Entry]:
     for e in params.suite_experiments(suite):
         exp = params.experiment(e)
         entries.append(Entry(e, "experiment", exp.world, experiment_setting(exp),
-                             _read_json(src.experiment_metrics(e))))
+                             read_experiment(e, params.experiment_seeds(e, suite), src.experiment_metrics)))
     return entries
 
 

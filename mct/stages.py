@@ -1,0 +1,397 @@
+"""The pipeline's stage table: every stage declared once, for both engines.
+
+Each :class:`Stage` names its `mct` subcommand, what it runs over (a world, a teacher, a run of an experiment or
+the suite), and functions of the validated params giving an instance's inputs, outputs (mct/paths.py), the
+params.yaml sections it reads, the settings Snakemake records and the resources a scheduler needs.
+:func:`jobs` expands the table for a suite. From it:
+
+  * workflow/dvc_yaml.py writes dvc.yaml (one stage per job; `--check` fails when the file is stale);
+  * the Snakefile's rules (workflow/rules/stages.smk) are thin loops over the same table;
+  * :func:`launcher` is the one place that decides how a command is launched (accelerate or the console script).
+
+A stage's code dependencies are not listed by hand: :func:`code_deps` follows the import graph of the `mct.cli`
+function that runs the stage (its own imports, those of the cli helpers it calls and of cli.py's module level),
+then every import, module-level or inside a function, of each mct module reached, transitively. A module that may
+run is a dependency, so the list errs towards a rerun, never towards a stale result. Both engines list these files
+(DVC as `deps`, Snakemake as inputs, so a newer file reruns the job).
+
+Torch-free: Snakemake imports this module while it parses the workflow.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from mct import paths
+from mct.config import DistillConfig, Params
+
+PACKAGE = Path(__file__).resolve().parent  # the mct package these stages run
+LOGS = paths.RUNS / "logs"
+
+
+# --- how a command is launched -------------------------------------------------------------------------------
+
+
+def launcher(distill: DistillConfig) -> str:
+    """How `mct distill` starts: `accelerate launch` for GPUs or several processes, the console script for one
+    CPU process. The one place both engines take the launch command from."""
+    if distill.num_processes > 1:  # --multi_gpu: N processes (torchrun) on GPU and CPU hosts; without it, CPU gets 1
+        return f"accelerate launch --multi_gpu --num_processes {distill.num_processes} -m mct.cli"
+    if distill.gpus > 0:
+        return "accelerate launch --num_processes 1 -m mct.cli"
+    return "mct"
+
+
+# --- resources ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a scheduler reserves for one job (Snakemake `threads`/`resources`, the Slurm profile's sbatch flags)."""
+
+    threads: int = 1
+    mem_mb: int = 4000
+    runtime: int = 60  # minutes
+    gpu: int = 0
+
+
+CPUS_PER_GPU = 4  # data-free distillation: CPUs only launch kernels and write checkpoints
+HOST_MEM_MB_PER_GPU = 24000  # per process: teacher, generator, score net, EMA and Adam states are staged on the host
+
+
+def has_feature_net(params: Params, world: str) -> bool:
+    """Digits worlds measure FID through a trained feature network (the `features` stage); others do not."""
+    return params.worlds[world].kind == "digits"
+
+
+def paper_scale(params: Params, world: str) -> bool:
+    """ImageNet worlds: Inception over 50k samples or the whole training set wants a GPU, memory and hours."""
+    return params.worlds[world].kind == "imagenet"
+
+
+def eval_resources(params: Params, world: str, gpu: int | None = None, threads: int = 2) -> Resources:
+    big = paper_scale(params, world)
+    return Resources(threads, 32000 if big else 8000, 720 if big else 120, int(big) if gpu is None else gpu)
+
+
+def distill_resources(d: DistillConfig) -> Resources:
+    if d.gpus:
+        return Resources(CPUS_PER_GPU * d.gpus, HOST_MEM_MB_PER_GPU * d.gpus, 24 * 60, d.gpus)
+    return Resources(max(2, d.num_processes), 16000, 24 * 60, 0)
+
+
+# --- the table -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One instance of a stage: everything either engine needs to run it."""
+
+    stage: str
+    name: str | None  # the world, teacher or run (paths.run_name); None for the suite's report
+    command: str  # the full command line, without the log redirection
+    inputs: dict[str, list[str]]  # artifact inputs by role
+    outputs: dict[str, str]  # by role; a path without suffix is a directory
+    params: list[str]  # params.yaml sections read (DVC `params:`)
+    settings: str  # resolved settings as canonical JSON (Snakemake reruns a job when they change)
+    resources: Resources
+    code: tuple[str, ...]  # mct source files the command may run (code_deps)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # rule / DVC stage name
+    command: str  # `mct <command>`
+    over: str  # wildcard: 'world', 'teacher', 'run', or '' for the suite
+    names: Callable[[Params, str], list]  # instances in a suite
+    args: Callable[[Params, Any], str]
+    inputs: Callable[[Params, Any], dict[str, list[str]]]
+    outputs: Callable[[Params, Any], dict[str, str]]
+    params: Callable[[Params, Any], list[str]]
+    settings: Callable[[Params, Any], tuple]
+    resources: Callable[[Params, Any], Resources]
+    launch: Callable[[Params, Any], str] = lambda p, n: "mct"
+    append_log: bool = False  # distill: every attempt (a resumed run) keeps its log
+    retries: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _data(p: Params, world: str) -> str:
+    return str(paths.world_data(world, p.worlds[world].kind))
+
+
+def _fnet(p: Params, world: str) -> list[str]:
+    return [str(paths.feature_net(world))] if has_feature_net(p, world) else []
+
+
+def _run_sections(p: Params, run: tuple[str, int | None]) -> list[str]:
+    exp = p.experiment(run[0])
+    return [f"experiments.{run[0]}"] + ([f"templates.{exp.template}"] if exp.template else []) + [f"worlds.{exp.world}"]
+
+
+def _run_cfg(p: Params, run: tuple[str, int | None]):
+    return p.run_config(*run)
+
+
+def _rn(run: tuple[str, int | None]) -> str:
+    return paths.run_name(*run)
+
+
+def _run_args(run: tuple[str, int | None]) -> str:
+    return f"--experiment {run[0]}" + ("" if run[1] is None else f" --run-seed {run[1]}")
+
+
+def _teacher_world(p: Params, t: str) -> str:
+    return p.teacher(t).world
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", "prepare", "world",
+          names=lambda p, s: p.suite_worlds(s),
+          args=lambda p, w: f"--world {w}",
+          inputs=lambda p, w: {},
+          outputs=lambda p, w: {"data": _data(p, w)},
+          params=lambda p, w: [f"worlds.{w}"],
+          settings=lambda p, w: (p.worlds[w],),
+          resources=lambda p, w: Resources(1, 4000, 60)),
+    Stage("teacher", "teacher", "teacher",
+          names=lambda p, s: p.suite_teachers(s),
+          args=lambda p, t: f"--teacher {t}",
+          inputs=lambda p, t: {"data": [_data(p, _teacher_world(p, t))]},
+          outputs=lambda p, t: {"teacher": str(paths.teacher_file(t))},
+          params=lambda p, t: [f"teachers.{t}", f"worlds.{_teacher_world(p, t)}"],
+          settings=lambda p, t: (p.teacher(t), p.worlds[_teacher_world(p, t)]),
+          # ADM: 422M parameters, converted on the host
+          resources=lambda p, t: Resources(2, 16000 if p.teacher(t).arch == "adm" else 8000, 240)),
+    Stage("features", "features", "world",
+          names=lambda p, s: [w for w in p.suite_worlds(s) if has_feature_net(p, w)],
+          args=lambda p, w: f"--world {w}",
+          inputs=lambda p, w: {"data": [_data(p, w)]},
+          outputs=lambda p, w: {"features": str(paths.feature_net(w))},
+          params=lambda p, w: [f"worlds.{w}"],
+          settings=lambda p, w: (p.worlds[w],),
+          resources=lambda p, w: Resources(2, 4000, 60)),
+    Stage("ref_stats", "ref-stats", "world",
+          names=lambda p, s: p.suite_worlds(s),
+          args=lambda p, w: f"--world {w}",
+          inputs=lambda p, w: {"data": [_data(p, w)], "features": _fnet(p, w)},
+          outputs=lambda p, w: {"ref": str(paths.reference_stats(w))},
+          params=lambda p, w: [f"worlds.{w}"],
+          settings=lambda p, w: (p.worlds[w],),
+          # ImageNet: PNG decoding in DataLoader workers
+          resources=lambda p, w: eval_resources(p, w, threads=8 if paper_scale(p, w) else 2)),
+    Stage("teacher_eval", "teacher-eval", "teacher",
+          names=lambda p, s: p.suite_teachers(s),
+          args=lambda p, t: f"--teacher {t}",
+          inputs=lambda p, t: {"teacher": [str(paths.teacher_file(t))], "features": _fnet(p, _teacher_world(p, t)),
+                               "ref": [str(paths.reference_stats(_teacher_world(p, t)))]},
+          outputs=lambda p, t: {"metrics": str(paths.teacher_metrics(t))},
+          params=lambda p, t: [f"teachers.{t}", f"worlds.{_teacher_world(p, t)}"],
+          settings=lambda p, t: (p.teacher(t), p.worlds[_teacher_world(p, t)]),
+          resources=lambda p, t: eval_resources(p, _teacher_world(p, t))),
+    Stage("init_student", "init-student", "run",
+          names=lambda p, s: p.suite_runs(s),
+          args=lambda p, r: _run_args(r),
+          inputs=lambda p, r: {"teacher": [str(paths.teacher_file(p.experiment(r[0]).teacher))]},
+          outputs=lambda p, r: {"student": str(paths.student_init(_rn(r)))},
+          params=_run_sections,
+          settings=lambda p, r: (_run_cfg(p, r), p.worlds[p.experiment(r[0]).world]),
+          resources=lambda p, r: Resources(1, 4000, 30)),
+    # Resume state (checkpoint, RNG, running log) lives in paths.work_dir, passed as an argument and deliberately
+    # not an output: both engines delete a stage's outputs before running it, never other paths, so a killed or
+    # preempted job keeps its state and the next attempt resumes from the last checkpoint.
+    Stage("distill", "distill", "run",
+          names=lambda p, s: p.suite_runs(s),
+          args=lambda p, r: f"{_run_args(r)} --work {paths.work_dir(_rn(r))}",
+          inputs=lambda p, r: {"teacher": [str(paths.teacher_file(p.experiment(r[0]).teacher))],
+                               "student": [str(paths.student_init(_rn(r)))]},
+          outputs=lambda p, r: {"distill": str(paths.distill_dir(_rn(r)))},
+          params=_run_sections,
+          settings=lambda p, r: (_run_cfg(p, r), p.worlds[p.experiment(r[0]).world]),
+          resources=lambda p, r: distill_resources(_run_cfg(p, r).distill),
+          launch=lambda p, r: launcher(_run_cfg(p, r).distill),
+          append_log=True, retries=1),
+    Stage("sample", "sample", "run",
+          names=lambda p, s: p.suite_runs(s),
+          args=lambda p, r: _run_args(r),
+          inputs=lambda p, r: {"distill": [str(paths.distill_dir(_rn(r)))]},
+          outputs=lambda p, r: {"samples": str(paths.samples_file(_rn(r)))},
+          params=_run_sections,
+          settings=lambda p, r: (_run_cfg(p, r), p.worlds[p.experiment(r[0]).world]),
+          # one process: one GPU when the experiment trains on GPUs
+          resources=lambda p, r: Resources(2, 8000, 60, min(1, _run_cfg(p, r).distill.gpus))),
+    Stage("evaluate", "evaluate", "run",
+          names=lambda p, s: p.suite_runs(s),
+          args=lambda p, r: _run_args(r),
+          inputs=lambda p, r: {"samples": [str(paths.samples_file(_rn(r)))],
+                               "distill": [str(paths.distill_dir(_rn(r)))],
+                               "teacher": [str(paths.teacher_file(p.experiment(r[0]).teacher))],
+                               "features": _fnet(p, p.experiment(r[0]).world),
+                               "ref": [str(paths.reference_stats(p.experiment(r[0]).world))]},
+          outputs=lambda p, r: {"metrics": str(paths.experiment_metrics(_rn(r)))},
+          params=lambda p, r: _run_sections(p, r) + [f"teachers.{p.experiment(r[0]).teacher}"],
+          settings=lambda p, r: (_run_cfg(p, r), p.worlds[p.experiment(r[0]).world],
+                                 p.teacher(p.experiment(r[0]).teacher)),
+          resources=lambda p, r: eval_resources(p, p.experiment(r[0]).world,
+                                                gpu=min(1, _run_cfg(p, r).distill.gpus))),
+    # The suite's report: tables, figures and an index from the evaluator records, samples and training logs of
+    # every run of the suite (seeds aggregated by mct.aggregate).
+    Stage("report", "report", "",
+          names=lambda p, s: [s],
+          args=lambda p, s: f"--suite {s}",
+          inputs=lambda p, s: {
+              "experiments": [str(paths.experiment_metrics(paths.run_name(*r))) for r in p.suite_runs(s)],
+              "samples": [str(paths.samples_file(paths.run_name(*r))) for r in p.suite_runs(s)],
+              "distill": [str(paths.distill_dir(paths.run_name(*r))) for r in p.suite_runs(s)],
+              "teachers": [str(paths.teacher_metrics(t)) for t in p.suite_teachers(s)]},
+          outputs=lambda p, s: {"metrics": str(paths.metrics_file()), "index_md": str(paths.report_index()),
+                                "index_html": str(paths.REPORTS / "index.html"),
+                                "tables": str(paths.REPORTS / "tables"), "figures": str(paths.REPORTS / "figures")},
+          params=lambda p, s: _unique([f"suites.{s}"] + [f"experiments.{e}" for e in p.suite_experiments(s)]
+                                      + [f"templates.{t}" for t in sorted({p.experiment(e).template
+                                                                          for e in p.suite_experiments(s)} - {""})]
+                                      + [f"teachers.{t}" for t in p.suite_teachers(s)]
+                                      + [f"worlds.{w}" for w in p.suite_worlds(s)]),
+          # the report labels and groups experiments by their settings (ablations, reference rows)
+          settings=lambda p, s: (*(p.experiment(e) for e in p.suite_experiments(s)),
+                                 *(p.teacher(t) for t in p.suite_teachers(s)),
+                                 *(p.worlds[w] for w in p.suite_worlds(s)), {"seeds": p.suite_runs(s)}),
+          resources=lambda p, s: Resources(1, 4000, 30)),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _json(parts: tuple) -> str:
+    return json.dumps([dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x for x in parts], sort_keys=True)
+
+
+def instance_name(stage: Stage, name: Any) -> str | None:
+    """The job's instance as both engines name it: world, teacher, run name (exp or exp/seed<k>), None (report)."""
+    if stage.over == "run":
+        return paths.run_name(*name)
+    return name if stage.over else None
+
+
+def job(params: Params, stage: Stage | str, name: Any, params_file: str = "params.yaml") -> Job:
+    stage = BY_NAME[stage] if isinstance(stage, str) else stage
+    cmd = (f"{stage.launch(params, name)} {stage.command} {stage.args(params, name)} "
+           f"--params {params_file} --no-progress")
+    return Job(stage.name, instance_name(stage, name), cmd, stage.inputs(params, name), stage.outputs(params, name),
+               stage.params(params, name), _json(stage.settings(params, name)), stage.resources(params, name),
+               code_deps(stage.command))
+
+
+def jobs(params: Params, suite: str | None = None, params_file: str = "params.yaml") -> list[Job]:
+    """Every job of a suite (default: params.suite), stage by stage in table order."""
+    suite = suite or params.suite
+    return [job(params, st, n, params_file) for st in STAGES for n in st.names(params, suite)]
+
+
+def find_run(params: Params, suite: str, run: str) -> tuple[str, int | None]:
+    """(experiment, seed) of a run name of the suite."""
+    for r in params.suite_runs(suite):
+        if paths.run_name(*r) == run:
+            return r
+    raise KeyError(f"no run {run!r} in suite {suite!r}")
+
+
+def log_file(stage: str, name: str | None, suite: str) -> Path:
+    return LOGS / stage / f"{name if name is not None else suite}.log"
+
+
+# --- code dependencies from the import graph -----------------------------------------------------------------
+
+
+def _module_file(module: str, root: Path = PACKAGE) -> Path | None:
+    """The source file of an mct module (a .py file or a package's __init__.py), None outside mct."""
+    parts = module.split(".")
+    if parts[0] != "mct":
+        return None
+    base = root.joinpath(*parts[1:])
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _module_name(file: Path, root: Path = PACKAGE) -> str:
+    rel = file.relative_to(root).with_suffix("")
+    parts = ["mct", *rel.parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(nodes: list[ast.AST], module: str, is_package: bool, root: Path = PACKAGE) -> set[str]:
+    """mct modules imported anywhere under ``nodes`` (``from mct import paths`` names the module mct.paths)."""
+    found: set[str] = set()
+    for node in (n for top in nodes for n in ast.walk(top)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                pkg = module.split(".") if is_package else module.split(".")[:-1]
+                pkg = pkg[:len(pkg) - node.level + 1]
+                base = ".".join(pkg + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # a submodule, when it is one
+    return {m for m in found if _module_file(m, root) is not None}
+
+
+@cache
+def _module_imports(file: Path) -> frozenset[str]:
+    tree = ast.parse(file.read_text(), str(file))
+    return frozenset(_imports([tree], _module_name(file), file.name == "__init__.py"))
+
+
+def _closure(modules: set[str], root: Path = PACKAGE) -> set[Path]:
+    """Files of the modules, their parent packages' __init__.py and everything they import, transitively."""
+    files: set[Path] = set()
+    todo = list(modules)
+    while todo:
+        m = todo.pop()
+        parts = m.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+            f = _module_file(".".join(parts[:i]), root)
+            if f is not None and f not in files:
+                files.add(f)
+                todo.extend(_module_imports(f))
+    return files
+
+
+@cache
+def code_deps(command: str) -> tuple[str, ...]:
+    """The mct source files `mct <command>` may run, as repository paths (mct/...), sorted."""
+    cli = PACKAGE / "cli.py"
+    tree = ast.parse(cli.read_text(), str(cli))
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    handler = "cmd_" + command.replace("-", "_")
+    if handler not in funcs:
+        raise KeyError(f"mct.cli has no {handler}() for stage command {command!r}")
+    reached, todo = set(), [handler]
+    while todo:  # the handler and the cli helpers it calls
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        todo.extend(n.id for n in ast.walk(funcs[name]) if isinstance(n, ast.Name) and n.id in funcs)
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    modules = _imports(top + [funcs[n] for n in reached], "mct.cli", False)
+    files = _closure(modules) | {cli}  # cli.py runs, but only the imports of the functions above
+    return tuple(sorted(f"mct/{f.relative_to(PACKAGE).as_posix()}" for f in files))
+
+
+def module_users(params: Params, module: str, suite: str | None = None) -> set[tuple[str, str | None]]:
+    """(stage, instance) of every job whose code includes ``module`` (a repository path such as mct/emd.py)."""
+    return {(j.stage, j.name) for j in jobs(params, suite) if module in j.code}
