@@ -423,3 +423,19 @@ def test_seed_records_read_each_seed_of_an_aggregated_experiment(tmp_path):
                                                                      ("b", 1), ("b", 2), ("c", 5)]
     r = evaluate_claim(Claim("k", "a beats b", "fid", "lower", {"w": ("a", "b")}), "w", recs)
     assert r.n == 3 and r.mean == pytest.approx(-1.0 - 0.05 * 5 / 3) and r.verdict == "reproduced"
+
+
+def test_digits_noise_floor_through_the_feature_network(tmp_path):
+    """Real against real on digits: the training split against the held-out split, in the features of the
+    world's feature network (an untrained one here: the plumbing, not the value, is under test)."""
+    from mct.config import WorldConfig
+    from mct.metrics.features import FeatureNet, save_feature_net
+    from mct.worlds.registry import make_world
+
+    world = make_world("digits", WorldConfig(kind="digits"))
+    torch.manual_seed(0)
+    save_feature_net(tmp_path / "f.pt", FeatureNet(), {"held_out_accuracy": 0.1})
+    assert report.noise_floor(world, 2000, tmp_path / "missing.pt") is None  # no network, no floor
+    floor = report.noise_floor(world, 2000, tmp_path / "f.pt")
+    assert (floor["count"], floor["reference_count"]) == (1438, 359)  # sklearn's 1,797 digits, 20% held out
+    assert 0 <= floor["fid"] < 1 and 0 < floor["precision"] <= 1 and 0 < floor["recall"] <= 1
