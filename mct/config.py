@@ -50,6 +50,12 @@ def _betas(v: Any) -> str | None:
     return None if all(0 <= b < 1 for b in v) else f"Adam betas must be in [0, 1) (got {list(v)})"
 
 
+def _seed_list(v: Any) -> str | None:
+    if not v or len(set(v)) != len(v) or min(v) < 0:
+        return f"must be a non-empty list of distinct seeds >= 0 (got {list(v)})"
+    return None
+
+
 def _at_most(hi: int, check=_positive):
     """``check`` (default: > 0) and an upper bound: a value beyond it is a typo or a hang, never a setting."""
 
@@ -63,14 +69,16 @@ def _sha256(v: Any) -> str | None:
     return None if re.fullmatch(r"[0-9a-fA-F]{64}", v) else f"must be 64 hex digits (`sha256sum FILE`), got {v!r}"
 
 
-def _seed_list(v: Any) -> str | None:
-    if not v or len(set(v)) != len(v) or min(v) < 0:
-        return f"must be a non-empty list of distinct seeds >= 0 (got {list(v)})"
-    return None
+def _closed_unit_interval(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else f"must be in [0, 1] (got {v})"
 
 
 def _check(fn):  # field metadata helper
     return {"check": fn}
+
+
+_CHOICES = {"space": SAMPLING_SPACES, "cancel_scheme": ("auto", "linear", "antithetic"),
+            "z_step": ("shrink", "curvature"), "mstep_weight": MSTEP_WEIGHTS}
 
 
 # Upper bounds of the integer settings (tests/test_reliability_inputs.py names each): far above any run this
@@ -111,7 +119,7 @@ class WorldConfig:
     grid: int = field(default=5, metadata=_check(_at_most(100)))
     spacing: float = field(default=1.0, metadata=_check(_positive))
     std: float = field(default=0.05, metadata=_check(_positive))
-    weights: Literal["equal", "unequal"] = "unequal"
+    weights: Literal["equal", "unequal", "skewed"] = "unequal"
     # digits / imagenet
     held_out_fraction: float = field(default=0.2, metadata=_check(_unit_interval))
     source: str = ""
@@ -161,18 +169,81 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """EM distillation settings; paper values where known (METHOD.md), documented defaults otherwise."""
+class LangevinConfig:
+    """The E-step sampler's settings, defined once: params.yaml's ``distill`` section holds them flat
+    (:class:`DistillConfig` extends this class) and :func:`mct.emd.langevin_estep` consumes them.
 
-    iterations: int = field(default=2000, metadata=_check(_at_most(MAX_ITERATIONS, _non_negative)))
-    batch_size: int = field(default=256, metadata=_check(_at_most(MAX_BATCH)))
+    Step sizes are in units of the N(0, I) priors of eps and z, so one pair serves every noise level; in the x spaces
+    the x step is gamma_eps * sigma^2, the same step measured in eps units.
+
+    z step schemes (the z posterior's precision is about 1 + |J|^2 / sigma^2, so a constant step is unstable at small
+    sigma and a tiny one does not move):
+      'shrink'     gamma_z * sigma^2 / (sigma^2 + z_step_ref^2) (constant when z_step_ref = 0), the same for every
+                   chain at one sigma;
+      'curvature'  gamma_z / (1 + lambda / sigma^2) with lambda the largest eigenvalue of J^T J at the chain's start
+                   (``z_power_iters`` power iterations): gamma_z is then a step in units of the z posterior's width.
+    Either way the step is fixed per chain for the whole chain, so each chain is plain Langevin for rho.
+
+    Noise cancellation (``cancel_noise``): 'linear' subtracts the tracked injected noise eta_K (exact while z is fixed;
+    biased for a nonlinear g when z moves, because z's drift carries the noise into z_K); 'antithetic' pairs every
+    chain with its mirror (-eps_0, -n_k, -m_k) from the same z_0 and subtracts nothing, so the batch mean cancels the
+    noise to first order and stays exactly unbiased; 'auto' is 'linear' when z is fixed, 'antithetic' when it moves.
+    ``cancel_initial`` (linear only): also subtract eps_0.
+
+    Chain guard: a chain whose z moves more than ``z_guard`` (RMS per coordinate, in prior standard deviations) or
+    turns non-finite is reset to its start and contributes no signal; more than ``max_reset_fraction`` of a batch
+    stops the E-step with an error.
+    """
+
     K: int = field(default=8, metadata=_check(_at_most(MAX_K, _non_negative)))
     gamma_eps: float = field(default=0.3, metadata=_check(_non_negative))
     gamma_z: float = field(default=0.01, metadata=_check(_non_negative))
     space: Literal["eps_z", "x_z", "eps", "x"] = "eps_z"
     cancel_noise: bool = True
     cancel_initial: bool = True
+    cancel_scheme: Literal["auto", "linear", "antithetic"] = "auto"
+    z_step: Literal["shrink", "curvature"] = "shrink"
     z_step_ref: float = field(default=0.0, metadata=_check(_non_negative))
+    z_power_iters: int = field(default=3, metadata=_check(_at_most(100)))
+    z_guard: float = field(default=10.0, metadata=_check(_positive))
+    max_reset_fraction: float = field(default=0.05, metadata=_check(_closed_unit_interval))
+
+    def __post_init__(self) -> None:
+        # The same checks as params.yaml's, for code that builds the settings directly.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _CHOICES and value not in _CHOICES[f.name]:
+                raise ValueError(f"{f.name}: unknown value {value!r}; expected one of {list(_CHOICES[f.name])}")
+            check = f.metadata.get("check")
+            problem = check(value) if (check is not None and value is not None) else None
+            if problem:
+                raise ValueError(f"{f.name}: {problem}")
+
+    @property
+    def moves_z(self) -> bool:
+        return self.space in ("eps_z", "x_z") and self.gamma_z > 0
+
+    @property
+    def resolved_cancel(self) -> str:
+        """What the sampler does: 'none', 'linear' or 'antithetic'."""
+        if not self.cancel_noise:
+            return "none"
+        if self.cancel_scheme == "auto":
+            return "antithetic" if self.moves_z else "linear"
+        return self.cancel_scheme
+
+    @property
+    def antithetic(self) -> bool:
+        return self.resolved_cancel == "antithetic"
+
+
+@dataclass(frozen=True)
+class DistillConfig(LangevinConfig):
+    """EM distillation settings (the E-step's come from :class:`LangevinConfig`); paper values where known
+    (docs/method.md), documented defaults otherwise."""
+
+    iterations: int = field(default=2000, metadata=_check(_at_most(MAX_ITERATIONS, _non_negative)))
+    batch_size: int = field(default=256, metadata=_check(_at_most(MAX_BATCH)))
     estep_teacher: Literal["network", "analytic"] = "network"
     mstep_weight: Literal["sigma", "one", "sigma2"] = "sigma"
     mstep_sigma: SigmaConfig = field(default_factory=SigmaConfig)
@@ -192,12 +263,8 @@ class DistillConfig:
     grad_accum: int = field(default=1, metadata=_check(_at_most(MAX_BATCH)))
     grad_checkpoint: bool = False
 
-    def langevin(self):
-        from mct.emd import LangevinConfig
-
-        return LangevinConfig(K=self.K, gamma_eps=self.gamma_eps, gamma_z=self.gamma_z, space=self.space,
-                              cancel_noise=self.cancel_noise, cancel_initial=self.cancel_initial,
-                              z_step_ref=self.z_step_ref)
+    def langevin(self) -> LangevinConfig:
+        return LangevinConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LangevinConfig)})
 
 
 @dataclass(frozen=True)
@@ -472,6 +539,9 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
             raise ConfigError(f"{key}.student: give sigma_init or log_snr_init, not both")
         if cfg.distill.batch_size % cfg.distill.grad_accum:
             raise ConfigError(f"{key}.distill.grad_accum: must divide batch_size ({cfg.distill.batch_size})")
+        if cfg.distill.antithetic and (cfg.distill.batch_size // cfg.distill.grad_accum) % 2:
+            raise ConfigError(f"{key}.distill.batch_size: antithetic noise cancellation pairs chains, so each "
+                              f"micro-batch (batch_size / grad_accum) must be even")
         if cfg.distill.estep_teacher == "analytic" and worlds[cfg.world].kind != "toy2d":
             raise ConfigError(f"{key}.distill.estep_teacher: 'analytic' exists only for toy2d worlds")
         experiments[name] = cfg

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mct.config import ExperimentConfig
 from mct.ema import ema_update
-from mct.emd import langevin_estep, mstep_loss, score_dsm_loss
+from mct.emd import ChainExplosionError, antithetic_start, langevin_estep, mstep_loss, score_dsm_loss
 from mct.io import atomic_dir, load_torch, save_torch, write_json
 from mct.resume import load_latest, non_finite, save_state, state_path
 from mct.student import build_generator, one_hot_labels
@@ -142,8 +142,15 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                 eps0 = torch.randn((micro, *shape), generator=rng, device=device)
                 labels = one_hot_labels(micro, world.label_dim, rng, device)
                 sigma = m_sigma.sample(micro, rng, device)
-                with acc.autocast():  # bf16/fp16 network passes when asked; the chain state stays fp32
-                    res = langevin_estep(gen_raw, estep_teacher, score_raw, z0, eps0, sigma, labels, langevin, rng)
+                if langevin.antithetic:
+                    z0, eps0, sigma, labels = antithetic_start(z0, eps0, sigma, labels)
+                try:
+                    with acc.autocast():  # bf16/fp16 network passes when asked; the chain state stays fp32
+                        res = langevin_estep(gen_raw, estep_teacher, score_raw, z0, eps0, sigma, labels, langevin,
+                                             rng)
+                except ChainExplosionError as e:
+                    raise DivergenceError(
+                        f"distillation diverged at iteration {it}: {e} {_last_good(last_good)}") from e
                 _sync(device)
                 t_estep += time.perf_counter() - te
                 with acc.autocast():
@@ -164,6 +171,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                    "grad_norm_gen": gn_g, "grad_norm_score": gn_s,
                    "eps_tilde_norm": float(res.eps_tilde.flatten(1).norm(dim=1).mean()),
                    "z_shift": float((res.z - z0).flatten(1).norm(dim=1).mean()),
+                   **res.health(),
                    "t_score": t1 - t0, "t_estep": t2 - t1, "t_mstep": t3 - t2}
             if acc.is_main_process:
                 log_lines.append(json.dumps(rec) + "\n")

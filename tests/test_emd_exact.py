@@ -10,6 +10,7 @@ import torch
 from mct.emd import (
     Generator,
     LangevinConfig,
+    antithetic_start,
     diff_instruct_loss,
     langevin_estep,
     mstep_loss,
@@ -63,6 +64,47 @@ def test_x_z_space_reaches_the_same_target():
     cfg = LangevinConfig(K=400, gamma_eps=0.1, gamma_z=0.1, space="x_z", cancel_noise=False)
     res = langevin_estep(gen, teacher, score, z0, eps0, torch.full((n,), sigma_val), None, cfg, rng)
     assert _moment_error(torch.cat([res.eps, res.z], 1), mean, cov) < 0.06
+
+
+def test_estep_with_z_step_ref_approaches_the_same_target():
+    """z_step_ref > 0 (every toy2d run uses 1.0) shrinks each chain's z step to gamma_z sigma^2 / (sigma^2 + ref^2),
+    a constant per chain, so each chain is still plain Langevin for its own rho_sigma. Mirrors the K test above at
+    sigma = 0.7 (z step 0.1 * 0.49 / 1.49 = 0.033): same tolerances (O(gamma) bias, ~0.01 Monte Carlo error with 40k
+    chains). The z chain now relaxes at rate ~ step / 2 * (posterior precision >= 1.3) ~ 0.02 per step, so K = 400
+    leaves exp(-8) of the start's error."""
+    gen = LinearGenerator(torch.tensor([[0.5, 0.1], [0.0, 0.4]]), torch.tensor([-0.2, 0.4]))
+    teacher, score = GaussianDenoiser(MU, COV), gen.exact_score_net()
+    sigma_val, n = 0.7, 40_000
+    mean, cov = estep_target_moments(MU, COV, gen.A.detach(), gen.b.detach(), sigma_val)
+    sigma = torch.full((n,), sigma_val)
+    errors = {}
+    for K in (0, 50, 400):
+        rng = torch.Generator().manual_seed(1)
+        z0, eps0 = torch.randn(n, 2, generator=rng), torch.randn(n, 2, generator=rng)
+        cfg = LangevinConfig(K=K, gamma_eps=0.1, gamma_z=0.1, space="eps_z", cancel_noise=False, z_step_ref=1.0)
+        res = langevin_estep(gen, teacher, score, z0, eps0, sigma, None, cfg, rng)
+        errors[K] = _moment_error(torch.cat([res.eps, res.z], 1), mean, cov)
+    assert errors[400] < 0.06, errors
+    assert errors[0] > 5 * errors[400] and errors[0] > errors[50] > errors[400] * 0.9, errors
+
+
+def test_z_step_ref_chains_at_different_sigmas_each_reach_their_own_target():
+    """One batch, two noise levels (0.7 and 2.0, 20k chains each): with z_step_ref = 1 their z steps differ 2.4-fold
+    (0.033 and 0.080), and each half must match its own closed-form rho_sigma within 0.06 as above (Monte Carlo error
+    ~0.015 with 20k chains). Smaller sigmas mix slowly in eps (its conditional variance grows like 1 / sigma^2), which
+    is why the levels are not smaller."""
+    gen = LinearGenerator(torch.tensor([[0.5, 0.1], [0.0, 0.4]]), torch.tensor([-0.2, 0.4]))
+    teacher, score = GaussianDenoiser(MU, COV), gen.exact_score_net()
+    half = 20_000
+    sigma = torch.cat([torch.full((half,), 0.7), torch.full((half,), 2.0)])
+    rng = torch.Generator().manual_seed(3)
+    z0, eps0 = torch.randn(2 * half, 2, generator=rng), torch.randn(2 * half, 2, generator=rng)
+    cfg = LangevinConfig(K=400, gamma_eps=0.1, gamma_z=0.1, space="eps_z", cancel_noise=False, z_step_ref=1.0)
+    res = langevin_estep(gen, teacher, score, z0, eps0, sigma, None, cfg, rng)
+    joint = torch.cat([res.eps, res.z], 1)
+    for part, s in ((slice(0, half), 0.7), (slice(half, None), 2.0)):
+        mean, cov = estep_target_moments(MU, COV, gen.A.detach(), gen.b.detach(), s)
+        assert _moment_error(joint[part], mean, cov) < 0.06, s
 
 
 def test_x_only_equals_eps_only_with_sigma_scaled_steps():
@@ -136,7 +178,7 @@ def test_noise_cancellation_lowers_variance_keeps_mean(gamma_z):
     """Across 300 seeds: total gradient variance drops by > 10x with cancellation; the means agree within
     4 standard errors per coordinate (z fixed: eta_K is independent of z_K, so the means are equal exactly;
     gamma_z > 0 couples them weakly and the check is statistical)."""
-    base = LangevinConfig(K=4, gamma_eps=0.2, gamma_z=gamma_z, space="eps_z")
+    base = LangevinConfig(K=4, gamma_eps=0.2, gamma_z=gamma_z, space="eps_z", cancel_scheme="linear")
     on = _gradient_samples(base, range(300))
     off = _gradient_samples(dataclasses.replace(base, cancel_noise=False), range(300))
     assert on.var(0).sum() * 10 < off.var(0).sum()
@@ -145,8 +187,10 @@ def test_noise_cancellation_lowers_variance_keeps_mean(gamma_z):
     assert float((z > 4).float().mean()) < 0.01, float(z.max())
 
 
-def test_emd_training_fits_linear_generator_to_gaussian_data():
-    """EMD (K=8, eps_z, cancellation) with exact teacher and score drives A A^T -> Sigma and b -> mu.
+@pytest.mark.parametrize("scheme", ["linear", "antithetic"])
+def test_emd_training_fits_linear_generator_to_gaussian_data(scheme):
+    """EMD (K=8, eps_z, cancellation) with exact teacher and score drives A A^T -> Sigma and b -> mu. With a linear g
+    both cancellation schemes are unbiased (J is constant, so eta_K cannot correlate with it).
 
     Tolerance 0.05 absolute per entry after 800 Adam steps (batch 512); the start is off by > 0.3.
     """
@@ -155,10 +199,12 @@ def test_emd_training_fits_linear_generator_to_gaussian_data():
     teacher = GaussianDenoiser(MU, COV)
     opt = torch.optim.Adam(gen.parameters(), lr=0.02, betas=(0.0, 0.99))
     rng = torch.Generator().manual_seed(0)
-    cfg = LangevinConfig(K=8, gamma_eps=0.3, gamma_z=0.1, space="eps_z")
+    cfg = LangevinConfig(K=8, gamma_eps=0.3, gamma_z=0.1, space="eps_z", cancel_scheme=scheme)
     for _ in range(800):
         z0, eps0 = torch.randn(512, 2, generator=rng), torch.randn(512, 2, generator=rng)
         sigma = torch.exp(torch.randn(512, generator=rng) * 0.8 - 0.5)
+        if cfg.antithetic:
+            z0, eps0, sigma, _ = antithetic_start(z0, eps0, sigma, None)
         res = langevin_estep(gen, teacher, gen.exact_score_net(), z0, eps0, sigma, None, cfg, rng)
         opt.zero_grad()
         mstep_loss(gen, res.z, res.eps_tilde, sigma, None).backward()
@@ -166,3 +212,37 @@ def test_emd_training_fits_linear_generator_to_gaussian_data():
     A, b = gen.A.detach(), gen.b.detach()
     torch.testing.assert_close(A @ A.T, COV, atol=0.05, rtol=0)
     torch.testing.assert_close(b, MU, atol=0.05, rtol=0)
+
+
+def test_curvature_z_step_reaches_the_same_target():
+    """With z_step 'curvature' each chain keeps one step gamma_z / (1 + lambda / sigma^2) for its whole run, so it is
+    plain Langevin for rho and must reach the closed-form moments like the constant step (same 0.06 tolerance as
+    above: O(gamma) discretisation bias plus ~0.01 Monte Carlo error with 40k chains). gamma_z = 0.5 in units of the
+    posterior's width; at sigma = 0.3 the constant step 0.5 would be unstable (precision 1 + 0.4^2/0.09 ~ 2.8)."""
+    gen = LinearGenerator(torch.tensor([[0.5, 0.1], [0.0, 0.4]]), torch.tensor([-0.2, 0.4]))
+    teacher, score = GaussianDenoiser(MU, COV), gen.exact_score_net()
+    sigma_val, n = 0.3, 40_000
+    mean, cov = estep_target_moments(MU, COV, gen.A.detach(), gen.b.detach(), sigma_val)
+    rng = torch.Generator().manual_seed(4)
+    z0, eps0 = torch.randn(n, 2, generator=rng), torch.randn(n, 2, generator=rng)
+    cfg = LangevinConfig(K=300, gamma_eps=0.1, gamma_z=0.5, space="eps_z", cancel_noise=False, z_step="curvature")
+    res = langevin_estep(gen, teacher, score, z0, eps0, torch.full((n,), sigma_val), None, cfg, rng)
+    assert _moment_error(torch.cat([res.eps, res.z], 1), mean, cov) < 0.06
+
+
+def test_jacobian_top_eigenvalue_matches_svd():
+    """Power iteration on J^T J (JVP by double backward) against the exact per-sample Jacobian's largest singular
+    value squared, for a nonlinear MLP generator. Power iteration converges like (s2/s1)^(2 iters); this random MLP's
+    two singular values are within a few percent of each other (the slow case), so we run 300 iterations, require
+    1e-3 relative on 95% of the samples, and never above the exact value (a Rayleigh quotient cannot exceed it)."""
+    from mct.emd import jacobian_top_eigenvalue
+
+    torch.manual_seed(0)
+    gen = Generator(build_mlp_denoiser(hidden=32, depth=2), sigma_init=2.0)
+    z = torch.randn(64, 2)
+    lam = jacobian_top_eigenvalue(gen, z, None, iters=300, rng=torch.Generator().manual_seed(0))
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: gen(v[None], None)[0]))(z)  # (B, 2, 2)
+    exact = torch.linalg.matrix_norm(jac, ord=2) ** 2
+    rel = (lam - exact).abs() / exact
+    assert float((rel < 1e-3).float().mean()) >= 0.95, rel
+    assert bool((lam <= exact * (1 + 1e-5)).all())

@@ -51,8 +51,9 @@ class GaussianMixture:
 
 
 def grid_mixture(grid: int = 5, spacing: float = 1.0, std: float = 0.05, weights: str = "unequal") -> GaussianMixture:
-    """A grid x grid lattice centred at 0. 'unequal' weights: proportional to 1 + ((i + 2 j) mod 5) / 2, so
-    they range over a factor 3 and every row and column holds every weight level."""
+    """A grid x grid lattice centred at 0. With level l = (i + 2 j) mod 5, every row and column holds every level:
+    'unequal' weights are proportional to 1 + l / 2 (a factor 3 between modes), 'skewed' to 25^(l / 4) (a factor 25:
+    the small modes are where mode-seeking visibly drops mass)."""
     coords = (torch.arange(grid, dtype=torch.float32) - (grid - 1) / 2) * spacing
     ii, jj = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     means = torch.stack([coords[ii.flatten()], coords[jj.flatten()]], dim=1)
@@ -60,8 +61,10 @@ def grid_mixture(grid: int = 5, spacing: float = 1.0, std: float = 0.05, weights
         w = torch.ones(grid * grid)
     elif weights == "unequal":
         w = 1.0 + ((ii + 2 * jj) % 5).flatten().float() / 2.0
+    elif weights == "skewed":
+        w = 25.0 ** (((ii + 2 * jj) % 5).flatten().float() / 4.0)
     else:
-        raise ValueError(f"weights must be 'equal' or 'unequal', got {weights!r}")
+        raise ValueError(f"weights must be 'equal', 'unequal' or 'skewed', got {weights!r}")
     return GaussianMixture(means=means, weights=w / w.sum(), std=float(std))
 
 
