@@ -74,6 +74,22 @@ def _edm_record_pickle(path: Path, monkeypatch) -> None:
     path.write_bytes(pickle.dumps({"ema": precond}, protocol=2))
 
 
+def _torch_zip_bomb(path: Path) -> Path:
+    """A torch.save zip whose one tensor claims 10^9 elements (4 GB) over a 16-byte record."""
+    import torch
+
+    torch.save({"w": torch.zeros(4)}, path)
+    bomb = path.with_name("tzip_bomb.pt")
+    with zipfile.ZipFile(path) as z, zipfile.ZipFile(bomb, "w") as out:
+        for info in z.infolist():
+            data = z.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"cpuq\x06K\x04t", b"cpuq\x06" + _int4(1_000_000_000) + b"t")
+                data = data.replace(b"K\x00K\x04\x85", b"K\x00" + _int4(1_000_000_000) + b"\x85")
+            out.writestr(info, data)
+    return bomb
+
+
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for name, data in members.items():
@@ -106,6 +122,7 @@ def bombs(tmp_path_factory) -> list[tuple[str, str, Path, str]]:
     add("binbytes8_declares_8GB", "inspect", b"\x80\x04\x8e" + struct.pack("<Q", 8 << 30) + b"abc",
         "not a readable pickle")
     out.append(("edm_record_384_channels", "edm", root / "edm.pkl", "missing: model."))
+    add("torch_zip_declares_4GB", "inspect", _torch_zip_bomb(root / "small.pt"), "does not match expected size")
     w = 200_000
     add("png_1x200000_zip", "prepare", _zip(root / "thin.zip", {"c/a.png": _png(w, 1, b"\0" + b"\0" * w)}),
         "exceed the budget of 67,108,864")

@@ -114,7 +114,7 @@ class ImageSource:
             self.is_zip = True
             with zipfile.ZipFile(self.source) as z:
                 names = sorted(n for n in z.namelist() if not n.endswith("/") and is_image_name(n))
-                meta_text = z.read("dataset.json").decode() if "dataset.json" in z.namelist() else None
+                meta_text = _read_meta(z, self.source)
         else:
             raise DatasetError(f"source not found: {self.source}")
         if not names:
@@ -134,7 +134,7 @@ class ImageSource:
 
     def _labels(self, meta_text: str | None) -> tuple[list[int], list[str] | None]:
         # An existing dataset.json (e.g. an EDM archive as input) wins, as in EDM's dataset_tool.
-        meta = json.loads(meta_text) if meta_text else {}
+        meta = _parse_meta(meta_text, self.source)
         if meta.get("labels") is not None:
             table = {}
             for entry in meta["labels"]:
@@ -168,6 +168,33 @@ class ImageSource:
             return
         with zipfile.ZipFile(self.source) as z:
             yield lambda name: z.open(name, "r")
+
+
+MAX_META_BYTES = 1 << 29  # dataset.json: ImageNet's 1.28M labels take about 60 MB
+
+
+def _read_meta(z: zipfile.ZipFile, where: Path) -> str | None:
+    """dataset.json of a zip, refused beyond MAX_META_BYTES uncompressed (a zip bomb costs no more than that)."""
+    if "dataset.json" not in z.namelist():
+        return None
+    size = z.getinfo("dataset.json").file_size
+    if size > MAX_META_BYTES:
+        raise DatasetError(f"{where}: dataset.json is {size:,} bytes uncompressed, over the {MAX_META_BYTES:,} "
+                           "limit (mct.worlds.imagenet.MAX_META_BYTES)")
+    try:
+        return z.read("dataset.json").decode()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where}: dataset.json is not UTF-8 text ({e})") from None
+
+
+def _parse_meta(text: str | None, where: Path) -> dict:
+    try:
+        meta = json.loads(text) if text else {}
+    except ValueError as e:
+        raise DatasetError(f"{where}: dataset.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels") or [], list):
+        raise DatasetError(f"{where}: dataset.json must be a mapping with a list of labels")
+    return meta
 
 
 def check_pixels(width: int, height: int, what: str) -> None:
@@ -275,11 +302,13 @@ class ImageZipDataset(Dataset):
         with zipfile.ZipFile(self.path) as z:
             all_names = z.namelist()
             self.names = sorted(n for n in all_names if not n.endswith("/") and is_image_name(n))
-            meta = json.loads(z.read("dataset.json")) if "dataset.json" in all_names else {}
+            meta_text = _read_meta(z, self.path)
+            meta = _parse_meta(meta_text, self.path)
             if not self.names:
                 raise DatasetError(f"no images in {self.path}")
             with PIL.Image.open(io.BytesIO(z.read(self.names[0]))) as first:
                 w, h = first.size
+            check_pixels(w, h, f"{self.path}: {self.names[0]}")
         if w != h:
             raise DatasetError(f"{self.path}: images must be square, got {w}x{h}")
         self.resolution = w
@@ -324,6 +353,9 @@ class ImageZipDataset(Dataset):
     def image(self, i: int) -> np.ndarray:
         """uint8 (H, W, 3) image i, as stored."""
         with PIL.Image.open(io.BytesIO(self._archive().read(self.names[i]))) as img:
+            if img.size != (self.resolution, self.resolution):  # checked before decoding: no bomb gets decoded
+                raise DatasetError(f"{self.path}: {self.names[i]} is {img.width}x{img.height}, expected "
+                                   f"{self.resolution}x{self.resolution}")
             arr = np.array(img.convert("RGB"))
         if arr.shape != (self.resolution, self.resolution, 3):
             raise DatasetError(f"{self.path}: {self.names[i]} has shape {arr.shape}, expected "
