@@ -92,6 +92,21 @@ MAX_SAMPLES = 10_000_000
 MAX_IMAGES = 1_000_000_000
 MAX_CLASSES = 100_000
 MAX_RESOLUTION = 1_024
+MAX_ARCH_INT = 65_536  # any integer in a teacher's arch_kwargs (widths, depths, sizes): beyond it, a typo or a bomb
+
+
+def _check_arch_numbers(key: str, value: Any) -> None:
+    """arch_kwargs are free-form (each family has its own flags), but a number in them is a size or a rate."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_arch_numbers(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_arch_numbers(f"{key}[{i}]", v)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number (got {value})")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ARCH_INT:
+        raise ConfigError(f"{key}: must be <= {MAX_ARCH_INT:,} in magnitude (got {value:,})")
 
 
 @dataclass(frozen=True)
@@ -518,6 +533,7 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
         if t.world not in worlds:
             raise ConfigError(f"teachers.{name}.world: unknown world {t.world!r}; known: {sorted(worlds)}")
         _check_fetched_arch(f"teachers.{name}", t, worlds[t.world])
+        _check_arch_numbers(f"teachers.{name}.arch_kwargs", t.arch_kwargs)
     raw_experiments = _coerce(raw["experiments"], dict[str, dict[str, Any]], "experiments")
     experiments: dict[str, ExperimentConfig] = {}
     for name, exp in raw_experiments.items():

@@ -67,6 +67,9 @@ BAD_VALUES = [
     (f"{E}.eval.num_samples=1000000000", f"{E}.eval.num_samples: must be <= {config.MAX_SAMPLES:,}"),
     (f"{E}.distill.num_processes=100000", f"{E}.distill.num_processes: must be <= {config.MAX_PROCESSES:,}"),
     ("teachers.toy2d_mlp.batch_size=1000000000", f"teachers.toy2d_mlp.batch_size: must be <= {config.MAX_BATCH:,}"),
+    ("teachers.toy2d_mlp.arch_kwargs.hidden=1000000000",
+     f"teachers.toy2d_mlp.arch_kwargs.hidden: must be <= {config.MAX_ARCH_INT:,} in magnitude"),
+    ("teachers.toy2d_mlp.arch_kwargs.scale=.nan", "teachers.toy2d_mlp.arch_kwargs.scale: must be a finite number"),
     # checks that failed later, without the key
     ("worlds.imnet.max_images=-5", "worlds.imnet.max_images: must be >= 0 (got -5)"),
     ("worlds.imnet.resolution=48", "worlds.imnet.resolution: the U-Nets take a power of two >= 8"),
