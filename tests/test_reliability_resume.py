@@ -352,3 +352,28 @@ def test_two_cpu_processes_run_resume_bitwise_and_refuse_one(setup, tmp_path):
     assert_bitwise_equal(tmp_path / "a", tmp_path / "b")
     r = _launch([sys.executable, "-m", "mct.cli", *args, "--out", "c", "--work", "wb"], tmp_path)
     assert r.returncode == 1 and "distill.num_processes is 2 but 1 process(es) started" in r.stderr, r.stderr
+
+
+def test_atomic_path_makes_the_data_durable_before_the_rename(tmp_path, monkeypatch):
+    """Finding 2: atomic_path renamed without fsync, so after a power loss the new name could hold an empty file.
+    Now the file's data is fsynced before the rename and the folder after it."""
+    from mct import io as mio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    dest = tmp_path / "x.json"
+    mio.write_json({"a": 1}, dest)
+    kinds = [k for k, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].startswith(str(tmp_path / ".x.json.")) and events[2][1] == str(tmp_path)
