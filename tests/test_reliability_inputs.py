@@ -182,11 +182,18 @@ def test_truncated_and_non_image_files_are_refused_naming_them(tmp_path):
     (b"[1, 2]", "dataset.json must be a mapping with a list of labels"),
     (b"\xff\xfe{}", "dataset.json is not UTF-8 text"),
 ])
-def test_malformed_dataset_json_is_refused_naming_it(tmp_path, meta, expected):
-    src = tmp_path / "src.zip"
-    with zipfile.ZipFile(src, "w") as z:
-        z.writestr("c/a.png", _png())
-        z.writestr("dataset.json", meta)
+@pytest.mark.parametrize("layout", ["zip", "folder"])
+def test_malformed_dataset_json_is_refused_naming_it(tmp_path, meta, expected, layout):
+    src = tmp_path / ("src.zip" if layout == "zip" else "src")
+    if layout == "zip":
+        with zipfile.ZipFile(src, "w") as z:
+            z.writestr("c/a.png", _png())
+            z.writestr("dataset.json", meta)
+    else:
+        (src / "c").mkdir(parents=True)
+        (src / "c" / "a.png").write_bytes(_png())
+        (src / "dataset.json").write_bytes(meta)
+        expected = expected.replace("dataset.json is not UTF-8", "not UTF-8")
     with pytest.raises(DatasetError) as err:
         prepare_imagenet(src, tmp_path / "out.zip", 8, progress=False)
     assert expected in str(err.value) and str(src) in str(err.value)

@@ -107,7 +107,7 @@ class ImageSource:
             self.is_zip = False
             names = self._list_folder()
             meta = self.source / "dataset.json"
-            meta_text = meta.read_text() if meta.is_file() else None
+            meta_text = _read_meta_file(meta) if meta.is_file() else None
         elif self.source.is_file():
             if not zipfile.is_zipfile(self.source):
                 raise DatasetError(f"source {self.source} is a file but not a zip archive")
@@ -185,6 +185,16 @@ def _read_meta(z: zipfile.ZipFile, where: Path) -> str | None:
         return z.read("dataset.json").decode()
     except UnicodeDecodeError as e:
         raise DatasetError(f"{where}: dataset.json is not UTF-8 text ({e})") from None
+
+
+def _read_meta_file(path: Path) -> str:
+    """A source folder's dataset.json, with the same size limit and UTF-8 check as in a zip."""
+    if path.stat().st_size > MAX_META_BYTES:
+        raise DatasetError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_META_BYTES:,} limit")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
 
 
 def _parse_meta(text: str | None, where: Path) -> dict:
