@@ -1099,6 +1099,9 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     for text in paras:
         page.p(text)
     page.table(prov)
+    from mct.report_convergence import add_convergence  # the 'faster convergence' claim's curves, if runs wrote them
+
+    add_convergence(page, params, suite, src, figures, kinds, worlds)
 
     def discuss(w: str, table: str, we: Sequence[Entry]) -> None:
         for text in discussion(results, table, w, we, kinds[w]):
@@ -1154,6 +1157,9 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
                                       "samples per second; dashed: the teacher's NFE)")
         page.h(3, "All experiments")
         page.table(experiments_table(w, we, toy, kinds[w]))
+    from mct.report_estep import add_estep_fidelity  # the E-step fidelity benchmark's section, if it has run
+
+    add_estep_fidelity(page, src.reports_in / "benchmarks" / "estep_fidelity", figures)
     page.h(2, "Paper-scale results")
     for t in paper_tables(params, worlds, per_world):
         page.table(t)
