@@ -136,12 +136,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     seed = exp.eval.seed if args.seed is None else args.seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
     uint8 = world.kind == "imagenet"  # 50k float images would be 4x larger; FID reads them quantised anyway
-    main_process = True
+    main_process, processes = True, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: it sets up the process group
         from accelerate import Accelerator
 
-        acc = Accelerator()
-        device, main_process = acc.device, acc.is_main_process
+        # cpu=True on a CPU host: a plain Accelerator() there sees one process and every rank would draw the whole set
+        acc = Accelerator(cpu=not torch.cuda.is_available())
+        device, main_process, processes = acc.device, acc.is_main_process, acc.num_processes
     x, y = generate_all(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device, uint8=uint8)
     if not main_process:
         return 0
@@ -149,7 +150,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, x=x.numpy(), **({"labels": y.numpy()} if y is not None else {}))
-    print(f"{n} samples of {args.experiment} -> {out}")
+    print(f"{n} samples of {args.experiment} ({processes} process{'es' if processes > 1 else ''}) -> {out}")
     return 0
 
 

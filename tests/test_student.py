@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
+from mct.config import parse_params
 from mct.emd import Generator
 from mct.nets.mlp import build_mlp_denoiser
 from mct.student import generate, generate_all, interleave_shards
@@ -52,3 +58,34 @@ def test_interleave_shards_restores_the_batch_order():
         x, y = interleave_shards(shards, N, BATCH)
         assert torch.equal(x, full_x) and torch.equal(y, full_y), world_size
     assert generate_all(gen, (2,), N, SEED, LABELS, BATCH)[0].shape == (N, 2)  # no process group: one process
+
+
+@pytest.mark.slow
+def test_sample_stage_under_accelerate_launch_equals_one_process(tiny_raw, tmp_path: Path):
+    """`mct sample` launched as two CPU processes by `accelerate launch` (gloo) writes the file one process writes."""
+    from mct.io import save_torch
+    from mct.teacher import denoiser_spec
+    from mct.worlds.registry import make_world
+
+    params = parse_params(tiny_raw)
+    world = make_world("toy2d", params.worlds["toy2d"])
+    torch.manual_seed(0)
+    net = world.build_network("mlp", {"hidden": 32, "depth": 2})
+    state = net.state_dict()
+    save_torch({"format": "mct-generator-v1", "spec": denoiser_spec(world, "mlp", {"hidden": 32, "depth": 2}),
+                "sigma_init": 2.5, "ema": state, "generator": state}, tmp_path / "generator.pt")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw))
+    args = ["sample", "--experiment", "tiny_emd", "--generator", str(tmp_path / "generator.pt"), "--num", str(N),
+            "--params", str(tmp_path / "params.yaml"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mct.cli", *args, "--out", str(tmp_path / "one.npz")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", "-m", "mct.cli", *args, "--out", str(tmp_path / "two.npz")],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(2 processes)" in two.stdout and "(1 process)" in one.stdout  # the set was really drawn in shares
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert a["x"].shape == (N, 2) and np.array_equal(a["x"], b["x"])
