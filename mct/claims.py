@@ -200,6 +200,11 @@ CLAIMS: tuple[Claim, ...] = (
           {"toy2d": ("toy2d_emd_k8", "toy2d_di"), "digits": ("digits_emd_k4", "digits_di")}),
     Claim("emd_fd", "EMD-K reaches a lower FD than Diff-Instruct", "fid", "lower",
           {"toy2d": ("toy2d_emd_k8", "toy2d_di"), "digits": ("digits_emd_k4", "digits_di")}),
+    # convergence_auc (mct.convergence): the run's convergence metric (toy2d mode TV, digits pixel FD) averaged
+    # over the training iterations between its first and last evaluation point; lower = better sooner.
+    Claim("emd_converge", "EMD-K converges faster than Diff-Instruct (quality averaged over training)",
+          "convergence_auc", "lower",
+          {"toy2d": ("toy2d_emd_k8", "toy2d_di"), "digits": ("digits_emd_k4", "digits_di")}),
     Claim("cancel_fd", "Noise cancellation improves FD", "fid", "lower",
           {"toy2d": ("toy2d_emd_k8", "toy2d_cancel_none")}, table="noise"),
     Claim("k_fd", "More Langevin steps K improve FD", "fid", "lower", {"toy2d": _TOY_K}, kind="slope",

@@ -277,6 +277,12 @@ class DistillConfig(LangevinConfig):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_accum: int = field(default=1, metadata=_check(_at_most(MAX_BATCH)))
     grad_checkpoint: bool = False
+    # Tracking (mct.tracking): accelerate's tracker for the training metrics, every `log_every` iterations; the EMA
+    # generator's quality on `eval_samples` samples every `eval_every` iterations (0: off).
+    log_with: Literal["dvclive", "tensorboard", "wandb", "none"] = "dvclive"
+    log_every: int = field(default=10, metadata=_check(_at_most(MAX_ITERATIONS, _non_negative)))
+    eval_every: int = field(default=0, metadata=_check(_at_most(MAX_ITERATIONS, _non_negative)))
+    eval_samples: int = field(default=2000, metadata=_check(_at_most(MAX_SAMPLES)))
 
     def langevin(self) -> LangevinConfig:
         return LangevinConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LangevinConfig)})

@@ -19,6 +19,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mct.config import ExperimentConfig, TeacherConfig
+from mct.convergence import FILE as CONVERGENCE_FILE
+from mct.convergence import convergence_summary, read_convergence
 from mct.diffusion import edm_heun_sample, heun_nfe
 from mct.io import write_json
 from mct.metrics import fid as fidlib
@@ -197,6 +199,8 @@ def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: Te
            "space": d.space, "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial,
            "init": exp.student.init, "gamma_eps": d.gamma_eps, "gamma_z": d.gamma_z, "iterations": d.iterations,
            **_quality(world, acc, ref),
+           # convergence_auc: the run's time-averaged quality over training (mct.convergence), when it was evaluated
+           **convergence_summary(read_convergence(distill_dir / CONVERGENCE_FILE), world.kind),
            "samples_per_s": s_sps, "teacher_samples_per_s": t_sps, "teacher_nfe": nfe_t,
            "speedup": s_sps / t_sps, "speedup_over_nfe": s_sps / t_sps / nfe_t,
            "sec_per_iter": summary["sec_per_iter"], "sec_per_iter_estep": summary["sec_per_iter_estep"]}

@@ -1099,6 +1099,9 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     for text in paras:
         page.p(text)
     page.table(prov)
+    from mct.report_convergence import add_convergence  # the 'faster convergence' claim's curves, if runs wrote them
+
+    add_convergence(page, params, suite, src, figures, kinds, worlds)
 
     def discuss(w: str, table: str, we: Sequence[Entry]) -> None:
         for text in discussion(results, table, w, we, kinds[w]):

@@ -27,6 +27,7 @@ from mct.io import atomic_dir, load_torch, save_torch, write_json
 from mct.resume import load_latest, non_finite, save_state, state_path
 from mct.student import build_generator, one_hot_labels
 from mct.teacher import load_denoiser
+from mct.tracking import Tracking, accelerator_kwargs
 from mct.worlds.registry import World
 
 
@@ -56,7 +57,8 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     as a kill would (used to test resume).
     """
     d = exp.distill
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=d.mixed_precision)
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=d.mixed_precision,
+                                     **accelerator_kwargs(d, work_dir))  # trackers: mct.tracking
     if acc.num_processes != d.num_processes:  # e.g. a launcher that started one process where N were asked for
         raise RuntimeError(f"distill.num_processes is {d.num_processes} but {acc.num_processes} process(es) started; "
                            "refusing to run with another global batch (launch with `accelerate launch --multi_gpu "
@@ -105,6 +107,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     if acc.is_main_process:
         log_path.write_text("".join(log_lines))
     log_file = open(log_path, "a")  # noqa: SIM115 - kept open for the whole loop
+    track = Tracking(acc, world, exp, work_dir, log_lines)  # trackers (the resumed log replayed), convergence
 
     langevin = d.langevin()
     dsm_sigma, m_sigma = d.dsm_sigma.build(), d.mstep_sigma.build()
@@ -173,6 +176,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                    "z_shift": float((res.z - z0).flatten(1).norm(dim=1).mean()),
                    **res.health(),
                    "t_score": t1 - t0, "t_estep": t2 - t1, "t_mstep": t3 - t2}
+            rec.update(track.step(it + 1, ema, rec))  # a convergence point when due (its own RNG), tracker line
             if acc.is_main_process:
                 log_lines.append(json.dumps(rec) + "\n")
                 log_file.write(log_lines[-1])
@@ -188,6 +192,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                 return {"stopped_at": done}
     finally:
         log_file.close()
+        track.close()
         bar.close()
 
     seconds = time.perf_counter() - t_run
@@ -208,6 +213,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                         "generator": _denoiser_state(gen_raw)}, tmp / "generator.pt")
             (tmp / "log.jsonl").write_text("".join(log_lines))
             write_json(summary, tmp / "summary.json")
+            track.finish(tmp, records)  # convergence.jsonl, dvclive/ (or the chosen tracker's files)
     return summary
 
 

@@ -110,7 +110,7 @@ def test_paper_claims_on_one_seed_records_are_inconclusive():
     """Today's metrics hold one seed per experiment: every claim the records can test says n=1."""
     names = sorted({e for c in CLAIMS for comp in c.compare.values() for e in comp})
     data = records([(e, 0, {"fid": 1.0 + i, "recall": 0.5, "modes_covered": 20, "K": 2 ** (1 + i % 4),
-                            "sec_per_iter": 0.01 * (1 + i % 4)}) for i, e in enumerate(names)])
+                            "sec_per_iter": 0.01 * (1 + i % 4), "convergence_auc": 0.1}) for i, e in enumerate(names)])
     results = evaluate_claims(CLAIMS, data)
     assert {(r.claim.key, r.world) for r in results} == {(c.key, w) for c in CLAIMS for w in c.compare}
     assert {r.label for r in results} == {"inconclusive (n=1)"}

@@ -59,13 +59,38 @@ def dvc_stage(job: stages.Job) -> dict:
     return entry
 
 
+def tracker_files(params: Params) -> tuple[list[str], list[dict]]:
+    """Top-level metrics and plots for DVCLive's files inside each distill output (mct.tracking), as DVCLive itself
+    would declare them: each run's dvclive/metrics.json (`dvc metrics show`, `dvc exp show`), and per world one plot
+    of the convergence metric (mct.convergence) of every run against the step, the iterations done
+    (`dvc plots show`). Runs with another tracker or without evaluation points add nothing."""
+    from mct.convergence import CONVERGENCE_METRIC
+
+    metrics: list[str] = []
+    curves: dict[str, dict[str, str]] = {}
+    for exp, seed in params.suite_runs():
+        cfg = params.run_config(exp, seed)
+        if cfg.distill.log_with != "dvclive":
+            continue
+        live = paths.distill_dir(paths.run_name(exp, seed)) / "dvclive"
+        metrics.append(str(live / "metrics.json"))
+        key = CONVERGENCE_METRIC.get(params.worlds[cfg.world].kind)
+        if key and cfg.distill.eval_every:
+            curves.setdefault(cfg.world, {})[str(live / "plots" / "metrics" / "eval" / f"{key}.tsv")] = key
+    plots = [{f"convergence-{w}": {"x": "step", "y": y, "title": f"{w}: {y[next(iter(y))]} during training"}}
+             for w, y in sorted(curves.items())]
+    return metrics, plots
+
+
 def render(params: Params) -> str:
     jobs = stages.jobs(params)
     names = [stage_name(j) for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("two jobs map to one DVC stage name; rename an experiment")
+    live_metrics, live_plots = tracker_files(params)
     body = {"stages": {n: dvc_stage(j) for n, j in zip(names, jobs, strict=True)},
-            "plots": [str(paths.REPORTS / "figures")]}
+            **({"metrics": live_metrics} if live_metrics else {}),
+            "plots": [str(paths.REPORTS / "figures"), *live_plots]}
     return HEADER.format(suite=params.suite) + "\n" + yaml.safe_dump(body, sort_keys=False, width=10_000)
 
 
