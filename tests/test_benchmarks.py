@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 140 s measured on the shared 2-core machine
 def test_gpu_distill_benchmark_tiny_runs_and_reports_every_k(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "benchmarks/gpu_distill.py", "--tiny", "--ks", "1,2", "--batch", "2",

@@ -181,6 +181,7 @@ def test_unet_is_generic_and_validates() -> None:
         ConvUNet(model_channels=8)(torch.randn(2, 1, 16, 16), torch.zeros(2), one_hot(torch.tensor([1, 2])))
 
 
+@pytest.mark.slow  # 26 s measured on the shared 2-core machine
 def test_short_dsm_training_lowers_the_loss(split: DigitsSplit) -> None:
     """150 Adam steps at batch 64; the loss on a fixed evaluation batch (fixed sigmas and noise, so the
     comparison has no sampling noise) must fall to below 60% of its value at step 0."""

@@ -67,6 +67,7 @@ def _archive_features(zip_path) -> np.ndarray:
         return InceptionStandIn().eval()(images).double().numpy()
 
 
+@pytest.mark.slow  # 650 s measured on the shared 2-core machine
 def test_imagenet_world_stages_end_to_end(tmp_path, monkeypatch, inception):
     _imagefolder(tmp_path / "train")
     teacher = tmp_path / "edm-tiny.pkl"
