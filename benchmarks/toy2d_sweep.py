@@ -55,7 +55,7 @@ FIELDS = ["world", "setting", "seed", "modes_covered", "mode_tv", "mode_precisio
 
 
 def experiment(params, world: str, overrides: dict, seed: int, iterations: int | None) -> ExperimentConfig:
-    distill_over = dict(overrides, seed=seed, checkpoint_every=10**6)
+    distill_over = dict(overrides, seed=seed, checkpoint_every=10**6, log_with="none", eval_every=0)
     if iterations:
         distill_over["iterations"] = iterations
     merged = deep_merge(params.templates["toy2d"], {"world": world, "teacher": TEACHERS[world],
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="reports/benchmarks/toy2d_sweep")
+    ap.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from the I-th (parallel workers)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     params = load_params("params.yaml")
@@ -142,8 +143,11 @@ def main() -> None:
     if runs_csv.exists():
         prev = pd.read_csv(runs_csv)
         done = {(r.world, r.setting, int(r.seed)) for r in prev.itertuples()}
-    todo = [(w, s, int(k)) for s in a.settings.split(",") for k in a.seeds.split(",") for w in a.worlds.split(",")
+    # seeds outermost: an interrupted sweep still has every setting on its first seeds
+    todo = [(w, s, int(k)) for k in a.seeds.split(",") for s in a.settings.split(",") for w in a.worlds.split(",")
             if (w, s, int(k)) not in done]
+    shard, shards = (int(v) for v in a.shard.split("/"))
+    todo = todo[shard::shards]
     t_start = time.perf_counter()
     for i, (w, s, k) in enumerate(todo):
         row = run_one(params, w, s, k, a.iterations, a.samples)
