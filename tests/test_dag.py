@@ -234,7 +234,7 @@ def test_code_deps_follow_the_import_graph():
     assert "mct/report.py" in deps["report"] and not any("mct/report.py" in v for k, v in deps.items() if k != "report")
     assert "mct/aggregate.py" in deps["report"]  # imported by report.py
     assert "mct/train.py" in deps["distill"] and "mct/train.py" not in deps["prepare"]
-    assert "mct/metrics/fid.py" in deps["evaluate"] and "mct/metrics/fid.py" not in deps["distill"]
+    assert "mct/metrics/fid.py" in deps["evaluate"] and "mct/metrics/fid.py" not in deps["prepare"]
     # a deep module reaches every stage whose command imports it, and only those
     users = {s for s, files in deps.items() if "mct/diffusion.py" in files}
     assert users == set(deps)
@@ -436,7 +436,8 @@ def snakemake_stale(root: Path, smk: dict, module: str) -> set:
     stale = set()
     for rule in sorted({k for k, _ in smk}):
         targets = sorted(o for (k, _), st in smk.items() if k == rule for o in st.outputs)
-        text = dry_run(root, "--rerun-triggers", "mtime", "input", "code", "params", "--allowed-rules", rule, *targets)
+        # targets first: --allowed-rules and --rerun-triggers take every word after them
+        text = dry_run(root, *targets, "--allowed-rules", rule, "--rerun-triggers", "mtime", "input", "code", "params")
         for r, fields in job_blocks(text):
             reason = fields.get("reason", "").partition("Updated input files: ")[2].partition(";")[0]
             if r != "all" and module in reason.split(", "):

@@ -43,8 +43,12 @@ def any_of(names) -> str:
 
 
 def as_pattern(path: str, name: str | None, wildcard: str) -> str:
-    """A job's path with its instance name replaced by the rule's wildcard."""
-    return path if name is None else path.replace(name, "{" + wildcard + "}")
+    """A job's path with its instance name, where it stands as whole path components (a file name may add a
+    suffix), replaced by the rule's wildcard: runs/experiments/toy2d_di/seed1/distill -> runs/experiments/{run}/distill
+    for the run toy2d_di/seed1."""
+    if name is None:
+        return path
+    return re.sub(r"(?:(?<=/)|^)" + re.escape(name) + r"(?=[/.]|$)", "{" + wildcard + "}", path)
 
 
 def rule_groups(stage):
