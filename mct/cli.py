@@ -53,7 +53,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     params = _params(args)
     world = _world(params, args.world)
-    out = Path(args.out or paths.world_data(args.world, world.kind))
+    out = Path(args.out or world.data_file)
     world.prepare(out)
     print(f"prepared {args.world} -> {out}")
     return 0
@@ -85,7 +85,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         raw.unlink()
         print(f"fetched ADM teacher {args.teacher} ({tcfg.source}) -> {out}")
         return 0
-    data = Path(args.data or paths.world_data(tcfg.world, world.kind))
+    data = Path(args.data or world.data_file)
     x, y = world.load_split(data, "train")
     summary = train_teacher(world, tcfg, x, y, out, progress=not args.no_progress)
     print(f"trained teacher {args.teacher} -> {out}: {summary}")
@@ -135,7 +135,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = args.num or exp.eval.num_samples
     seed = exp.eval.seed if args.seed is None else args.seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    uint8 = world.kind == "imagenet"  # 50k float images would be 4x larger; FID reads them quantised anyway
     main_process, processes = True, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: it sets up the process group
         from accelerate import Accelerator
@@ -143,7 +142,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         # cpu=True on a CPU host: a plain Accelerator() there sees one process and every rank would draw the whole set
         acc = Accelerator(cpu=not torch.cuda.is_available())
         device, main_process, processes = acc.device, acc.is_main_process, acc.num_processes
-    x, y = generate_all(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device, uint8=uint8)
+    # uint8 for image worlds at scale: 50k float images would be 4x larger; FID reads them quantised anyway
+    x, y = generate_all(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device,
+                        uint8=world.samples_uint8)
     if not main_process:
         return 0
     out = Path(args.out or paths.samples_file(run))
@@ -155,7 +156,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _feature_path(world) -> Path | None:
-    return paths.feature_net(world.name) if world.kind == "digits" else None
+    return paths.feature_net(world.name) if world.needs_feature_net else None
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -164,7 +165,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     params = _params(args)
     world = _world(params, args.world)
     out = Path(args.out or paths.feature_net(args.world))
-    meta = train_features(world, paths.world_data(world.name, world.kind), out)
+    meta = train_features(world, world.data_file, out)
     print(f"feature network for {args.world}: held-out accuracy {meta['held_out_accuracy']:.4f}")
     return 0
 
@@ -175,7 +176,7 @@ def cmd_ref_stats(args: argparse.Namespace) -> int:
     params = _params(args)
     world = _world(params, args.world)
     out = Path(args.out or paths.reference_stats(args.world))
-    meta = reference_stats(world, paths.world_data(world.name, world.kind), _feature_path(world), out,
+    meta = reference_stats(world, world.data_file, _feature_path(world), out,
                            progress=not args.no_progress)
     print(f"reference statistics {meta} -> {out}")
     return 0

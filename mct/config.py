@@ -127,9 +127,18 @@ class SigmaConfig:
         return LogUniformSigma(self.sigma_min, self.sigma_max)
 
 
+def _world_kind(v: str) -> str | None:
+    """A kind registered in mct.worlds.registry (torch-free), the built-in ones or a world registered by its module."""
+    from mct.worlds.registry import WORLDS
+
+    return None if v in WORLDS else f"unknown value {v!r}; expected one of {list(WORLDS)}"
+
+
 @dataclass(frozen=True)
 class WorldConfig:
-    kind: Literal["toy2d", "digits", "imagenet"]
+    """A world's settings; ``kind`` picks its class (mct.worlds.registry), the other keys are that class's."""
+
+    kind: str = field(metadata=_check(_world_kind))
     # toy2d
     grid: int = field(default=5, metadata=_check(_at_most(100)))
     spacing: float = field(default=1.0, metadata=_check(_positive))
@@ -469,11 +478,15 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def _check_fetched_arch(key: str, t: TeacherConfig, world: WorldConfig) -> None:
     """Published checkpoints (edm pickles, adm state dicts) are fetched, and must fit their world."""
+    from mct.worlds.registry import WORLDS, world_class
+
     if t.arch in ("edm", "adm"):
         if t.kind != "fetch":
             raise ConfigError(f"{key}.kind: arch {t.arch!r} is a published checkpoint; use kind: fetch")
-        if world.kind != "imagenet":
-            raise ConfigError(f"{key}.arch: {t.arch!r} teachers need an imagenet world, not {world.kind!r}")
+        if not world_class(world.kind).takes_published_checkpoints:
+            fits = [k for k, c in WORLDS.items() if c.takes_published_checkpoints]
+            raise ConfigError(f"{key}.arch: {t.arch!r} teachers need a world of kind {' or '.join(fits)}, "
+                              f"not {world.kind!r}")
     if t.arch == "adm":
         size = t.arch_kwargs.get("image_size")
         if size != world.resolution:
@@ -530,11 +543,12 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
     if raw["suite"] in (None, ""):  # e.g. `snakemake --config suite=`
         raise ConfigError(f"suite: empty; name one of the suites {sorted(raw['suites'] or {})}")
     suite = _coerce(raw["suite"], str, "suite")
+    from mct.worlds.registry import world_class
+
     for name, w in worlds.items():
-        res = w.resolution
-        if w.kind == "imagenet" and (res < 8 or res & (res - 1)):
-            raise ConfigError(f"worlds.{name}.resolution: the U-Nets take a power of two >= 8 (e.g. 64 or 128), "
-                              f"got {res}")
+        problem = world_class(w.kind).check_config(w, f"worlds.{name}")
+        if problem:
+            raise ConfigError(problem)
     for name, t in teachers.items():
         if t.world not in worlds:
             raise ConfigError(f"teachers.{name}.world: unknown world {t.world!r}; known: {sorted(worlds)}")
@@ -564,8 +578,9 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
         if cfg.distill.antithetic and (cfg.distill.batch_size // cfg.distill.grad_accum) % 2:
             raise ConfigError(f"{key}.distill.batch_size: antithetic noise cancellation pairs chains, so each "
                               f"micro-batch (batch_size / grad_accum) must be even")
-        if cfg.distill.estep_teacher == "analytic" and worlds[cfg.world].kind != "toy2d":
-            raise ConfigError(f"{key}.distill.estep_teacher: 'analytic' exists only for toy2d worlds")
+        if cfg.distill.estep_teacher == "analytic" and not world_class(worlds[cfg.world].kind).has_analytic_denoiser:
+            raise ConfigError(f"{key}.distill.estep_teacher: 'analytic' exists only for worlds with an exact "
+                              f"denoiser; {worlds[cfg.world].kind!r} has none")
         experiments[name] = cfg
     for sname, members in suites.items():
         for i, e in enumerate(members):

@@ -17,9 +17,6 @@ from typing import Any
 import numpy as np
 
 FILE = "convergence.jsonl"
-# The curve each world's convergence summary integrates: mode TV (the mode-covering target, 0 = exact weights) on
-# toy2d, the pixel-space Frechet distance to the held-out split on digits. Lower is better for both.
-CONVERGENCE_METRIC = {"toy2d": "mode_tv", "digits": "fd_pixels"}
 
 
 def read_convergence(path: Path) -> list[dict[str, Any]]:
@@ -29,16 +26,16 @@ def read_convergence(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def convergence_summary(points: list[dict[str, Any]], world_kind: str) -> dict[str, Any]:
-    """``convergence_auc``: the time-average over iterations of the world's convergence metric, by the trapezoid
-    rule from the first to the last evaluation point, divided by that span.
+def convergence_summary(points: list[dict[str, Any]], key: str | None) -> dict[str, Any]:
+    """``convergence_auc``: the time-average over iterations of the world's convergence metric ``key``
+    (World.convergence_metric: mode TV on toy2d, the pixel-space FD to the held-out split on digits; lower is better
+    for both), by the trapezoid rule from the first to the last evaluation point, divided by that span.
 
     Lower is better. A student that reaches a given quality sooner spends less of the run above it, so the paired
     difference of this average between two methods evaluated at the same points is the 'faster convergence'
     effect; it also rewards a better end point, so it is read beside the final value. An area needs no threshold,
     where 'iterations to reach TV 0.1' is undefined for every run that never does. Empty without a metric for the
     world or with fewer than two points."""
-    key = CONVERGENCE_METRIC.get(world_kind)
     pts = sorted((p["iteration"], p[key]) for p in points if key and _finite(p.get(key)))
     if len(pts) < 2:
         return {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ EVAL_BATCH = 1000  # samples per feature batch
 def train_features(world: World, data: Path, out: Path, seed: int = 0, epochs: int = 15) -> dict[str, Any]:
     from mct.metrics.features import save_feature_net, train_feature_net
 
-    if world.kind != "digits":
+    if not world.needs_feature_net:
         raise ValueError(f"world {world.name!r} ({world.kind}) has no trained feature network")
     x, y = world.load_split(data, "train")
     xt, yt = world.load_split(data, "test")
@@ -53,40 +54,67 @@ def eval_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+FeatureMap = Callable[[Tensor | np.ndarray], np.ndarray]
+
+
+def _identity(feature_path: Path | None, device: torch.device) -> FeatureMap:
+    """The samples themselves (flattened, float64): exact for low-dimensional worlds (toy2d's plane)."""
+    return lambda x: torch.as_tensor(x).double().flatten(1).numpy()
+
+
+def _images(extractor: Any, device: torch.device, mode: str | None) -> FeatureMap:
+    """Float images in [-1, 1] (clamped) or uint8 images through a clean-fid extractor."""
+    def features(x: Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(x, Tensor) and x.is_floating_point():
+            x = x.clamp(-1, 1)
+        return fidlib.images_features(x, extractor, device=device, mode=mode)
+    return features
+
+
+def _trained_classifier(feature_path: Path | None, device: torch.device) -> FeatureMap:
+    """The penultimate layer of the classifier `mct features` trained on the world's training split (digits)."""
+    from mct.metrics.features import load_feature_net
+
+    if feature_path is None:
+        raise ValueError("this world measures in a trained feature network's space: run `mct features` first")
+    net, _ = load_feature_net(feature_path)
+    return _images(fidlib.custom_extractor(net.eval(), resize_to=None), device, None)
+
+
+def _inception(feature_path: Path | None, device: torch.device) -> FeatureMap:
+    """Inception-v3 with the TensorFlow-legacy weights and resizing, so FID compares with the literature."""
+    return _images(fidlib.inception_feature_extractor("legacy_tensorflow", device), device, "legacy_tensorflow")
+
+
+# The spaces a world can name (World.feature_space); the names are recorded with the reference statistics.
+FEATURE_SPACES: dict[str, Callable[[Path | None, torch.device], FeatureMap]] = {
+    "identity": _identity, "digits-feature-net": _trained_classifier, "inception-legacy-tf": _inception}
+
+
 class FeatureSpace:
-    """Maps samples to the space where FID and precision/recall are computed for a world."""
+    """Maps samples to the space where FID and precision/recall are computed for a world: the one its class names
+    (World.feature_space: the plane itself on toy2d, the trained classifier on digits, Inception on ImageNet)."""
 
     def __init__(self, world: World, feature_path: Path | None, device: torch.device | str = "cpu") -> None:
         self.world = world
         self.device = torch.device(device)
-        self.extractor = None
-        if world.kind == "digits":
-            from mct.metrics.features import load_feature_net
-
-            if feature_path is None:
-                raise ValueError("digits worlds need the feature network (mct features)")
-            net, _ = load_feature_net(feature_path)
-            self.extractor = fidlib.custom_extractor(net.eval(), resize_to=None)
-        elif world.kind == "imagenet":
-            self.extractor = fidlib.inception_feature_extractor("legacy_tensorflow", self.device)
+        if world.feature_space not in FEATURE_SPACES:
+            raise ValueError(f"world {world.name!r}: unknown feature space {world.feature_space!r}; "
+                             f"known: {sorted(FEATURE_SPACES)}")
+        self.features = FEATURE_SPACES[world.feature_space](feature_path, self.device)
 
     @property
     def name(self) -> str:
-        return {"toy2d": "identity", "digits": "digits-feature-net"}.get(self.world.kind, "inception-legacy-tf")
+        return self.world.feature_space
 
     def __call__(self, x: Tensor | np.ndarray) -> np.ndarray:
         """Features of a batch: float images in [-1, 1] or uint8 images (image worlds), points (toy2d)."""
-        if self.world.kind == "toy2d":
-            return torch.as_tensor(x).double().numpy()
-        mode = "legacy_tensorflow" if self.world.kind == "imagenet" else None
-        if isinstance(x, Tensor) and x.is_floating_point():
-            x = x.clamp(-1, 1)
-        return fidlib.images_features(x, self.extractor, device=self.device, mode=mode)
+        return self.features(x)
 
 
 class FeatureAccumulator:
     """Streams sample batches into FID statistics, keeping the first ``keep`` features for precision/recall
-    and, on toy2d, the points themselves (for the exact mode statistics); memory is bounded by ``keep``."""
+    and, in worlds with exact metrics (toy2d), the points themselves; memory is bounded by ``keep``."""
 
     def __init__(self, space: FeatureSpace, keep: int = PR_MAX) -> None:
         self.space, self.keep = space, keep
@@ -100,7 +128,7 @@ class FeatureAccumulator:
         have = sum(len(f) for f in self.kept)
         if have < self.keep:
             self.kept.append(feats[:self.keep - have])
-        if self.space.world.kind == "toy2d":
+        if self.space.world.exact_metric_keys:
             self.points.append(torch.as_tensor(x).float())
 
     @property
@@ -117,8 +145,8 @@ def reference_stats(world: World, data: Path, feature_path: Path | None, out: Pa
                   disable=not progress):
         acc.add(x)
     mu, sigma = acc.stats.stats()
-    split = "all" if world.kind == "imagenet" else "test"
-    meta = {"world": world.name, "split": split, "count": int(acc.stats.count), "features": acc.space.name}
+    meta = {"world": world.name, "split": world.reference_split, "count": int(acc.stats.count),
+            "features": acc.space.name}
     fidlib.save_stats(out, mu, sigma, meta, pr_features=acc.pr_features)
     return meta
 
@@ -131,12 +159,8 @@ def _quality(world: World, acc: FeatureAccumulator, ref: Path) -> dict[str, Any]
     rec: dict[str, Any] = {"fid": fidlib.fid_from_stats(*acc.stats.stats(), mu, sigma)}
     p, r = precision_recall(ref_pr, acc.pr_features)
     rec.update(precision=float(p), recall=float(r))
-    if world.kind == "toy2d":
-        from mct.metrics.modes import mode_statistics
-
-        m = world.mixture
-        rec.update({k: (int(v) if k.startswith("modes_") else float(v))
-                    for k, v in mode_statistics(torch.cat(acc.points), m.means, m.weights, m.std).items()})
+    if acc.points:
+        rec.update(world.exact_metrics(torch.cat(acc.points)))
     return rec
 
 
@@ -200,7 +224,7 @@ def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: Te
            "init": exp.student.init, "gamma_eps": d.gamma_eps, "gamma_z": d.gamma_z, "iterations": d.iterations,
            **_quality(world, acc, ref),
            # convergence_auc: the run's time-averaged quality over training (mct.convergence), when it was evaluated
-           **convergence_summary(read_convergence(distill_dir / CONVERGENCE_FILE), world.kind),
+           **convergence_summary(read_convergence(distill_dir / CONVERGENCE_FILE), world.convergence_metric),
            "samples_per_s": s_sps, "teacher_samples_per_s": t_sps, "teacher_nfe": nfe_t,
            "speedup": s_sps / t_sps, "speedup_over_nfe": s_sps / t_sps / nfe_t,
            "sec_per_iter": summary["sec_per_iter"], "sec_per_iter_estep": summary["sec_per_iter_estep"]}

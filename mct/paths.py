@@ -8,8 +8,9 @@ RUNS = Path("runs")
 REPORTS = Path("reports")
 
 
-def world_data(world: str, kind: str) -> Path:
-    return RUNS / "data" / (f"{world}.zip" if kind == "imagenet" else f"{world}.npz")
+def world_data(world: str, suffix: str = ".npz") -> Path:
+    """A world's prepared data file; its class names the suffix (World.data_file: .npz arrays, .zip archives)."""
+    return RUNS / "data" / f"{world}{suffix}"
 
 
 def teacher_file(teacher: str) -> Path:

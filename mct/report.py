@@ -40,6 +40,7 @@ from mct import paths
 from mct.aggregate import read_experiment  # seeds: mean, std, n, 95% t-interval
 from mct.config import ExperimentConfig, Params
 from mct.diffusion import heun_nfe
+from mct.worlds.base import World
 
 NOT_RUN = "not run"
 NA = "n/a"  # the run exists but the evaluator left this value null
@@ -51,7 +52,6 @@ EXPERIMENT_KEYS = ("experiment", "world", "method", "K", "nfe", "space", "cancel
                    "samples_per_s", "teacher_samples_per_s", "teacher_nfe", "speedup", "speedup_over_nfe",
                    "sec_per_iter", "sec_per_iter_estep")
 TEACHER_KEYS = ("teacher", "world", "method", "K", "nfe", "fid", "precision", "recall", "samples_per_s")
-TOY2D_KEYS = ("modes_covered", "modes_total", "mode_tv", "mode_precision", "nll")
 
 # Setting keys of an experiment: the ablated factors, then controls that must match for runs to be comparable.
 FACTOR_KEYS = ("space", "cancel_noise", "cancel_initial", "K", "init", "gamma_eps", "gamma_z")
@@ -61,7 +61,6 @@ PAPER_ITERATIONS = 100_000  # the paper's distillation budgets are at least this
 
 # Display names of the metrics (metrics.json keys stay as they are): what each distance is, with the direction of
 # better. The Frechet distance is FID only in Inception's feature space.
-FD_NAMES = {"toy2d": "FD (2-D)", "digits": "FD (digits classifier)", "imagenet": "FID"}
 UP, DOWN = "\u2191", "\u2193"
 METRIC_NAMES = {"precision": f"precision {UP}", "recall": f"recall {UP}", "modes_covered": f"modes covered {UP}",
                 "mode_tv": f"mode TV {DOWN}", "mode_precision": f"mode precision {UP}", "nll": f"NLL (nats) {DOWN}",
@@ -77,10 +76,11 @@ METRIC_DEFINITIONS = (
     "samples under the true mixture, in nats (toy2d). Arrows: the direction of better.")
 
 
-def metric_name(key: str, world_kind: str) -> str:
-    """The column header of a metrics.json key in a world of this kind."""
+def metric_name(key: str, world_def: World | None) -> str:
+    """The column header of a metrics.json key in this world: its Frechet distance is named by its feature space
+    (World.fd_name)."""
     if key == "fid":
-        return f"{FD_NAMES.get(world_kind, 'FID')} {DOWN}"
+        return f"{world_def.fd_name if world_def is not None else 'FID'} {DOWN}"
     return METRIC_NAMES.get(key, key)
 
 
@@ -175,15 +175,16 @@ def read_log(path: Path) -> pd.DataFrame | None:
 # --- metrics.json -------------------------------------------------------------------------------------------
 
 
-def metrics_record(entry: Entry, world_kind: str) -> dict[str, Any]:
+def metrics_record(entry: Entry, world_def: World) -> dict[str, Any]:
     """The flat metrics.json record of one experiment or teacher.
 
     Always present: ``status`` ('ok' | 'not run') and, for experiments, EXPERIMENT_KEYS, for teachers
-    TEACHER_KEYS, plus TOY2D_KEYS in toy2d worlds; absent values are null. A not-run entry carries its
+    TEACHER_KEYS, plus the world's exact metrics (World.exact_metric_keys: toy2d's mode statistics); absent values
+    are null. A not-run entry carries its
     settings from params.yaml. Further keys that the evaluator wrote are passed through unchanged.
     """
     keys = EXPERIMENT_KEYS if entry.kind == "experiment" else TEACHER_KEYS
-    keys = keys + (TOY2D_KEYS if world_kind == "toy2d" else ())
+    keys = keys + tuple(world_def.exact_metric_keys)
     if entry.kind == "experiment":
         known = {k: v for k, v in entry.setting.items() if k in keys}
         known.update(experiment=entry.name, world=entry.world, nfe=1)
@@ -226,16 +227,16 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def _metric_cells(entry: Entry | None, toy: bool, kind: str | None = None) -> dict[str, Any]:
-    """The quality columns of a row, headed by metric_name (``kind``: the world's kind; toy2d when ``toy``)."""
-    kind = kind or ("toy2d" if toy else "digits")
+def _metric_cells(entry: Entry | None, toy: bool, world_def: World | None = None) -> dict[str, Any]:
+    """The quality columns of a row, headed by metric_name (``world_def``: the world; ``toy``: it has mode
+    statistics)."""
     get = (lambda k: NOT_RUN) if entry is None else entry.get
-    cells = {metric_name(k, kind): get(k) for k in ("fid", "precision", "recall")}
+    cells = {metric_name(k, world_def): get(k) for k in ("fid", "precision", "recall")}
     if toy:
         covered, total = get("modes_covered"), get("modes_total")
-        cells[metric_name("modes_covered", kind)] = f"{covered}/{total}" \
+        cells[metric_name("modes_covered", world_def)] = f"{covered}/{total}" \
             if isinstance(covered, int) and isinstance(total, int) else covered
-        cells[metric_name("mode_tv", kind)] = get("mode_tv")
+        cells[metric_name("mode_tv", world_def)] = get("mode_tv")
     return cells
 
 
@@ -321,12 +322,12 @@ def _tail_mean(log: pd.DataFrame | None, key: str) -> Any:
 
 
 def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]], toy: bool,
-                   logs: dict[str, pd.DataFrame | None], kind: str | None = None) -> Table:
+                   logs: dict[str, pd.DataFrame | None], world_def: World | None = None) -> Table:
     rows = []
     for label, group in members or [(NOT_RUN, [])]:
         for e in group or [None]:
             row = {ab.column: label, "experiment": NOT_RUN if e is None else e.name,
-                   **_metric_cells(e, toy, kind)}
+                   **_metric_cells(e, toy, world_def)}
             if ab.name == "noise":
                 row["grad norm"] = NOT_RUN if e is None else _tail_mean(logs.get(e.name), "grad_norm_gen")
             rows.append(row)
@@ -334,20 +335,19 @@ def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry
 
 
 def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]],
-               toy: bool, kind: str | None = None, floor: dict[str, Any] | None = None) -> Table:
+               toy: bool, world_def: World | None = None, floor: dict[str, Any] | None = None) -> Table:
     """Teacher, Diff-Instruct and EMD-K rows; ``floor`` (noise_floor's record) adds the real-vs-real row."""
     rows = []
-    kind = kind or ("toy2d" if toy else "digits")
 
     def add(method: str, e: Entry | None, nfe: Any) -> None:
         rows.append({"method": method, "experiment": NOT_RUN if e is None else e.name, "NFE": nfe,
-                     **_metric_cells(e, toy, kind),
-                     metric_name("samples_per_s", kind): NOT_RUN if e is None else e.get("samples_per_s")})
+                     **_metric_cells(e, toy, world_def),
+                     metric_name("samples_per_s", world_def): NOT_RUN if e is None else e.get("samples_per_s")})
 
     if floor is not None:
         rec = Entry("-", "floor", world, {}, floor)
         rows.append({"method": "Real data: training vs held-out split (noise floor)", "experiment": "-",
-                     "NFE": "-", **_metric_cells(rec, toy, kind), metric_name("samples_per_s", kind): "-"})
+                     "NFE": "-", **_metric_cells(rec, toy, world_def), metric_name("samples_per_s", world_def): "-"})
 
     for t in (e for e in entries if e.kind == "teacher"):
         nfe = t.get("nfe") if _number(t.get("nfe")) else t.setting["nfe"]
@@ -389,8 +389,7 @@ def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
                  "Mean over the last 10% of iterations of score + E-step + M-step time (summary.json).")
 
 
-def experiments_table(world: str, entries: Sequence[Entry], toy: bool, kind: str | None = None) -> Table:
-    kind = kind or ("toy2d" if toy else "digits")
+def experiments_table(world: str, entries: Sequence[Entry], toy: bool, world_def: World | None = None) -> Table:
     rows = []
     for e in (e for e in entries if e.kind == "experiment"):
         s = e.setting
@@ -399,10 +398,10 @@ def experiments_table(world: str, entries: Sequence[Entry], toy: bool, kind: str
         rows.append({"experiment": e.name, "method": s["method"], "K": s["K"],
                      "space": SPACE_LABELS[s["space"]], "cancellation": cancel, "init": s["init"],
                      "gamma_eps": s["gamma_eps"], "gamma_z": s["gamma_z"],
-                     "iterations": s["iterations"], **_metric_cells(e, toy, kind),
-                     **({metric_name("nll", kind): e.get("nll")} if toy else {}),
-                     metric_name("samples_per_s", kind): e.get("samples_per_s"),
-                     metric_name("sec_per_iter", kind): e.get("sec_per_iter"),
+                     "iterations": s["iterations"], **_metric_cells(e, toy, world_def),
+                     **({metric_name("nll", world_def): e.get("nll")} if toy else {}),
+                     metric_name("samples_per_s", world_def): e.get("samples_per_s"),
+                     metric_name("sec_per_iter", world_def): e.get("sec_per_iter"),
                      "status": "ok" if e.record is not None else NOT_RUN})
     note = "NLL: -mean log p(x) of the samples under the true mixture, in nats." if toy else ""
     return Table(f"{world}_experiments", f"{world}: every experiment of the suite",
@@ -437,11 +436,10 @@ def paper_tables(params: Params, worlds: Sequence[str], world_tables: dict[str, 
 
 
 def _paper_world(params: Params, worlds: Sequence[str], dataset: str) -> str | None:
-    m = re.match(r"ImageNet (\d+)x", dataset)
-    if m is None:
-        return None
-    res = int(m.group(1))
-    matches = [w for w in worlds if (params.worlds[w].kind, params.worlds[w].resolution) == ("imagenet", res)]
+    """The first of ``worlds`` that is the paper table's ``dataset`` (World.paper_dataset, e.g. 'ImageNet 64x64')."""
+    from mct.worlds.registry import make_world
+
+    matches = [w for w in worlds if make_world(w, params.worlds[w]).paper_dataset == dataset]
     return matches[0] if matches else None
 
 
@@ -505,7 +503,7 @@ def _plain(name: str) -> str:
     return name.replace(f" {UP}", "").replace(f" {DOWN}", "")
 
 
-def claims_table(results: Sequence[Any], kinds: dict[str, str]) -> Table:
+def claims_table(results: Sequence[Any], kinds: dict[str, World]) -> Table:
     from mct.claims import effect_unit
 
     rows = []
@@ -531,7 +529,7 @@ def claims_table(results: Sequence[Any], kinds: dict[str, str]) -> Table:
 
 
 def discussion(results: Sequence[Any], table: str, world: str, entries: Sequence[Entry],
-               kind: str = "") -> list[str]:
+               world_def: World | None = None) -> list[str]:
     """One sentence group per claim of ``table`` in ``world`` where our data disagree with the paper: a
     contradicted verdict, or a point estimate on the other side of 0. The text follows from the results."""
     out = []
@@ -562,7 +560,7 @@ def discussion(results: Sequence[Any], table: str, world: str, entries: Sequence
         if r.n < 3:
             causes.append(f"seeds: n={r.n}")
         out.append(f"Paper: {c.text[0].lower() + c.text[1:]}. Ours ({world}, "
-                   f"{_plain(metric_name(c.metric, kind))}): {ours}. "
+                   f"{_plain(metric_name(c.metric, world_def))}): {ours}. "
                    f"Likely causes to check: {'; '.join(causes)}.")
     return out
 
@@ -575,26 +573,21 @@ def noise_floor(world, num_samples: int, feature_path: Path | None) -> dict[str,
     from mct.metrics import fid as fidlib
     from mct.metrics.precision_recall import precision_recall
 
-    if world.kind not in ("toy2d", "digits") or (world.kind == "digits" and
-                                                  (feature_path is None or not feature_path.exists())):
+    if not world.noise_floor_ready(feature_path):
         return None
     with tempfile.TemporaryDirectory(prefix="mct-floor-") as tmp:
         data = Path(tmp) / "data.npz"
         world.prepare(data)  # the prepare stage's own code: the same splits as runs/data
         train, _ = world.load_split(data, "train")
         test, _ = world.load_split(data, "test")
-    space = FeatureSpace(world, feature_path if world.kind == "digits" else None, "cpu")
+    space = FeatureSpace(world, feature_path if world.needs_feature_net else None, "cpu")
     x = train[:num_samples]
     fx, fr = space(x), space(test)
     rec: dict[str, Any] = {"fid": fidlib.fid_from_stats(*fidlib.feature_stats(fx), *fidlib.feature_stats(fr)),
                            "count": int(len(x)), "reference_count": int(len(test))}
     p, r = precision_recall(fr[:PR_MAX], fx[:PR_MAX])
     rec.update(precision=float(p), recall=float(r))
-    if world.kind == "toy2d":
-        from mct.metrics.modes import mode_statistics
-
-        m = world.mixture
-        rec.update(mode_statistics(x, m.means, m.weights, m.std))
+    rec.update(world.exact_metrics(x))
     return rec
 
 
@@ -715,12 +708,11 @@ def _number(v: Any) -> bool:
 
 
 def fig_k_sweep(world: str, entries: Sequence[Entry], k_members, toy: bool, path: Path,
-                kind: str | None = None) -> None:
+                world_def: World | None = None) -> None:
     import seaborn as sns
 
-    kind = kind or ("toy2d" if toy else "digits")
     keys = ["fid", "recall"] + (["modes_covered"] if toy else [])
-    metrics = [(k, metric_name(k, kind)) for k in keys]
+    metrics = [(k, metric_name(k, world_def)) for k in keys]
     rows = [{"K": k, "metric": label, "value": e.get(key)} for k, group in k_members for e in group
             for key, label in metrics if _number(e.get(key))]
     data = pd.DataFrame(rows, columns=["K", "metric", "value"])
@@ -1065,7 +1057,7 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     if clash:
         raise ValueError(f"report: {clash[0]!r} names both a teacher and an experiment; metrics.json needs "
                          f"unique names")
-    kinds = {w: params.worlds[w].kind for w in params.worlds}
+    kinds = {w: make_world(w, params.worlds[w]) for w in params.worlds}  # what each world shows and how
     metrics = {e.name: metrics_record(e, kinds[e.world]) for e in entries}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
@@ -1110,19 +1102,19 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     per_world: dict[str, dict[str, Any]] = {}
     for w in worlds:
         we = [e for e in entries if e.world == w]
-        toy = kinds[w] == "toy2d"
+        world = kinds[w]
+        toy = bool(world.exact_metric_keys)  # mode-statistics columns
         ref = reference_setting(we)
         logs = {e.name: read_log(src.log(e.name)) for e in we if e.kind == "experiment"}
         members = {ab.name: ablation_members(ab, ref, we) for ab in ABLATIONS}
         per_world[w] = {"entries": we, "reference": ref, "k_members": members["K"]}
-        world = make_world(w, params.worlds[w])
         exps = [e for e in we if e.kind == "experiment"]
         floor = noise_floor(world, exps[0].setting["eval_samples"], src.feature_net(w)) if exps else None
-        page.h(2, f"World {w} ({kinds[w]})")
+        page.h(2, f"World {w} ({world.kind})")
         page.table(main_table(w, we, members["K"], toy, kinds[w], floor))
-        if floor is None and kinds[w] == "digits":
+        if floor is None and world.needs_feature_net:
             page.p("Noise floor (training against held-out split through the same metrics): not computed in this "
-                   f"build, which has no digits feature network ({src.feature_net(w)}).")
+                   f"build, which has no {world.kind} feature network ({src.feature_net(w)}).")
         discuss(w, "main", we)
         page.h(3, "Ablations")
         page.p(_describe(ref))
@@ -1137,7 +1129,7 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
         with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
             fig_k_sweep(w, we, members["K"], toy, figures / f"{w}_k_sweep.png", kinds[w])
             fig_noise(w, members["noise"], logs, figures / f"{w}_noise_cancellation.png")
-            if toy:
+            if world.sample_figure == "points":
                 fig_toy_samples(world, we, src, figures / f"{w}_samples.png", teachers=teachers)
                 grids = []
             else:
@@ -1211,4 +1203,4 @@ def build_report(params: Params, suite: str | None, out_dir: str | os.PathLike =
 
 __all__ = ["build_report", "metrics_record", "reference_setting", "ablation_members", "ABLATIONS", "Entry",
            "Sources", "Table", "fmt", "markdown_table", "image_samples", "NOT_RUN", "EXPERIMENT_KEYS",
-           "TEACHER_KEYS", "TOY2D_KEYS"]
+           "TEACHER_KEYS"]

@@ -18,11 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-from mct.convergence import CONVERGENCE_METRIC, FILE, read_convergence
+from mct.convergence import FILE, read_convergence
+from mct.worlds.base import World
 
 SECTION = "Convergence"
 CLAIM_KEY = "emd_converge"
-PANELS = {"toy2d": ("mode_tv", "fd_2d", "modes_covered"), "digits": ("fd_pixels",)}
 LABELS = {"mode_tv": "mode TV \u2193", "fd_2d": "FD (2-D) \u2193", "modes_covered": "modes covered \u2191",
           "fd_pixels": "FD (pixels) \u2193"}
 AXES = (("iteration", "training iterations"), ("train_seconds", "training seconds (evaluation excluded)"))
@@ -68,11 +68,13 @@ def band(points: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def fig_convergence(world: str, kind: str, points: pd.DataFrame, compared: Sequence[str], path: Path) -> None:
-    """Rows: against iterations, against seconds; columns: the world's metrics; one line (and band) per run."""
+def fig_convergence(world: str, world_def: World, points: pd.DataFrame, compared: Sequence[str],
+                    path: Path) -> None:
+    """Rows: against iterations, against seconds; columns: the world's metrics (World.convergence_panels); one
+    line (and band) per run."""
     from mct.report import _figure, _save
 
-    metrics = [m for m in PANELS.get(kind, ()) if m in points]
+    metrics = [m for m in world_def.convergence_panels if m in points]
     fig, axes = _figure(len(metrics), len(AXES), size=(3.8, 3.0))
     for row, (x, xlabel) in enumerate(AXES):
         for col, metric in enumerate(metrics):
@@ -93,18 +95,18 @@ def fig_convergence(world: str, kind: str, points: pd.DataFrame, compared: Seque
     _save(fig, path)
 
 
-def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], kind: str) -> Any:
+def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], world_def: World) -> Any:
     """Per compared experiment: seeds, the convergence metric at the first and last point, convergence_auc."""
     from mct.convergence import convergence_summary
     from mct.report import Table
 
-    key = CONVERGENCE_METRIC[kind]
+    key = world_def.convergence_metric
     rows = []
     for exp in compared:
         p = points[points["experiment"] == exp]
         if p.empty:
             continue
-        per_seed = [convergence_summary(g.to_dict("records"), kind).get("convergence_auc")
+        per_seed = [convergence_summary(g.to_dict("records"), key).get("convergence_auc")
                     for _, g in p.groupby("seed", dropna=False)]
         per_seed = [v for v in per_seed if v is not None]
         first, last = p["iteration"].min(), p["iteration"].max()
@@ -118,7 +120,7 @@ def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], kin
 
 
 def add_convergence(page: Any, params: Any, suite: str | None, src: Any, figures: Path,
-                    kinds: dict[str, str], worlds: Sequence[str]) -> None:
+                    kinds: dict[str, World], worlds: Sequence[str]) -> None:
     """Append the section to ``page`` (mct.report.Page): per world of the claim, a figure and a table."""
     import seaborn as sns
 
@@ -140,7 +142,7 @@ def add_convergence(page: Any, params: Any, suite: str | None, src: Any, figures
         name = f"{w}_convergence.png"
         with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
             fig_convergence(w, kinds[w], points, compared, figures / name)
-        page.figure(name, f"{w}: {', '.join(LABELS.get(m, m) for m in PANELS.get(kinds[w], ()))} of "
+        page.figure(name, f"{w}: {', '.join(LABELS.get(m, m) for m in kinds[w].convergence_panels)} of "
                           f"{' and '.join(compared)} against training iterations (top) and training seconds "
                           "(bottom)")
         page.table(summary_table(w, points, compared, kinds[w]))

@@ -24,7 +24,7 @@ import ast
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -66,19 +66,23 @@ CPUS_PER_GPU = 4  # data-free distillation: CPUs only launch kernels and write c
 HOST_MEM_MB_PER_GPU = 24000  # per process: teacher, generator, score net, EMA and Adam states are staged on the host
 
 
+def _world(params: Params, world: str):
+    """The world's class instance (mct.worlds.registry): the stage table asks it, never its kind."""
+    from mct.worlds.registry import make_world
+
+    return make_world(world, params.worlds[world])
+
+
 def has_feature_net(params: Params, world: str) -> bool:
-    """Digits worlds measure FID through a trained feature network (the `features` stage); others do not."""
-    return params.worlds[world].kind == "digits"
+    """Worlds that measure FID through a trained feature network (digits) run the `features` stage."""
+    return _world(params, world).needs_feature_net
 
 
-def paper_scale(params: Params, world: str) -> bool:
-    """ImageNet worlds: Inception over 50k samples or the whole training set wants a GPU, memory and hours."""
-    return params.worlds[world].kind == "imagenet"
-
-
-def eval_resources(params: Params, world: str, gpu: int | None = None, threads: int = 2) -> Resources:
-    big = paper_scale(params, world)
-    return Resources(threads, 32000 if big else 8000, 720 if big else 120, int(big) if gpu is None else gpu)
+def eval_resources(params: Params, world: str, gpu: int | None = None, threads: int | None = None) -> Resources:
+    """The evaluation stages' reservation, as the world states it (World.eval_needs: ImageNet's Inception over 50k
+    samples or a whole training set wants a GPU, memory and hours); ``gpu`` and ``threads`` (default 2) override."""
+    needs = _world(params, world).eval_needs
+    return Resources(2 if threads is None else threads, needs.mem_mb, needs.runtime, needs.gpu if gpu is None else gpu)
 
 
 def distill_resources(d: DistillConfig) -> Resources:
@@ -120,10 +124,11 @@ class Stage:
     launch: Callable[[Params, Any], str] = lambda p, n: "mct"
     append_log: bool = False  # distill: every attempt (a resumed run) keeps its log
     retries: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _data(p: Params, world: str) -> str:
-    return str(paths.world_data(world, p.worlds[world].kind))
+    return str(_world(p, world).data_file)
 
 
 def _fnet(p: Params, world: str) -> list[str]:
@@ -185,7 +190,7 @@ STAGES: tuple[Stage, ...] = (
           params=lambda p, w: [f"worlds.{w}"],
           settings=lambda p, w: (p.worlds[w],),
           # ImageNet: PNG decoding in DataLoader workers
-          resources=lambda p, w: eval_resources(p, w, threads=8 if paper_scale(p, w) else 2)),
+          resources=lambda p, w: eval_resources(p, w, threads=_world(p, w).eval_needs.ref_threads)),
     Stage("teacher_eval", "teacher-eval", "teacher",
           names=lambda p, s: p.suite_teachers(s),
           args=lambda p, t: f"--teacher {t}",
@@ -295,6 +300,14 @@ def jobs(params: Params, suite: str | None = None, params_file: str = "params.ya
     """Every job of a suite (default: params.suite), stage by stage in table order."""
     suite = suite or params.suite
     return [job(params, st, n, params_file) for st in STAGES for n in st.names(params, suite)]
+
+
+def find_run(params: Params, suite: str, run: str) -> tuple[str, int | None]:
+    """(experiment, seed) of a run name of the suite."""
+    for r in params.suite_runs(suite):
+        if paths.run_name(*r) == run:
+            return r
+    raise KeyError(f"no run {run!r} in suite {suite!r}")
 
 
 def log_file(stage: str, name: str | None, suite: str) -> Path:

@@ -38,8 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.tracking import DVCLiveTracker
 from torch import Tensor, nn
@@ -115,54 +113,10 @@ def accelerator_kwargs(d: DistillConfig, work_dir: Path) -> dict[str, Any]:
 # --- world metrics at a convergence point --------------------------------------------------------------------
 
 
-def _mixture_moments(world: World) -> tuple[np.ndarray, np.ndarray]:
-    """The true mixture's mean and covariance, exactly: sum_m w_m mu_m, sum_m w_m (mu_m mu_m^T + s^2 I) - mu mu^T."""
-    m = world.mixture
-    means, w = m.means.double(), m.weights.double() / m.weights.double().sum()
-    mu = (w[:, None] * means).sum(0)
-    cov = (w[:, None, None] * means[:, :, None] * means[:, None, :]).sum(0) + m.std ** 2 * torch.eye(means.shape[1],
-                                                                                                         dtype=torch.float64)
-    return mu.numpy(), (cov - torch.outer(mu, mu)).numpy()
-
-
-def _fd(x: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> float:
-    """Frechet distance between the Gaussian fitted to the rows of x and N(mu, cov): ||m - mu||^2 +
-    Tr(C + cov - 2 (C cov)^(1/2)). The formula of mct.metrics.fid, written here so that training does not import
-    clean-fid (nor rerun when the evaluator's FID code changes); a singular product (digits' constant border
-    pixels) gets clean-fid's remedy, a 1e-6 ridge on both covariances."""
-    from scipy import linalg
-
-    m, c = x.mean(0), np.atleast_2d(np.cov(x, rowvar=False))
-    root = linalg.sqrtm(c @ cov)
-    if not np.isfinite(root).all():
-        ridge = 1e-6 * np.eye(len(m))
-        root = linalg.sqrtm((c + ridge) @ (cov + ridge))
-    return float(((m - mu) ** 2).sum() + np.trace(c + cov - 2 * np.real(root)))
-
-
 def world_metric(world: World) -> Callable[[Tensor], dict[str, float]] | None:
-    """The cheap quality metric of a world's samples, or None where the world has none (ImageNet: Inception FID
-    is the evaluate stage's, far too costly to run inside training)."""
-    if world.kind == "toy2d":
-        from mct.metrics.modes import mode_statistics
-
-        mu, cov = _mixture_moments(world)
-        m = world.mixture
-
-        def toy(x: Tensor) -> dict[str, float]:
-            stats = mode_statistics(x, m.means, m.weights, m.std)
-            return {"modes_covered": float(stats["modes_covered"]), "mode_tv": stats["mode_tv"],
-                    "mode_precision": stats["mode_precision"], "fd_2d": _fd(x.double().numpy(), mu, cov)}
-
-        return toy
-    if world.kind == "digits":
-        from mct.worlds.digits import load_digits_split
-
-        held_out = load_digits_split(world.cfg.held_out_fraction, world.cfg.seed).test_x  # sklearn's bundled data
-        ref = torch.as_tensor(held_out).double().flatten(1).numpy()
-        mu, cov = ref.mean(0), np.cov(ref, rowvar=False)
-        return lambda x: {"fd_pixels": _fd(x.clamp(-1, 1).double().flatten(1).numpy(), mu, cov)}
-    return None
+    """The cheap quality metric of a world's samples (World.training_metric), or None where the world has none
+    (ImageNet: Inception FID is the evaluate stage's, far too costly to run inside training)."""
+    return world.training_metric()
 
 
 # --- the run's tracking --------------------------------------------------------------------------------------

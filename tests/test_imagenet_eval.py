@@ -81,7 +81,7 @@ def test_imagenet_world_stages_end_to_end(tmp_path, monkeypatch, inception):
     assert main(["ref-stats", "--world", "inet", "--no-progress"]) == 0
     mu, sigma, meta, pr = fidlib.load_stats(paths.reference_stats("inet"), with_pr_features=True)
     # Streamed in a shuffled order and in batches, the statistics equal those of all images at once.
-    ref_mu, ref_sigma = fidlib.feature_stats(_archive_features(paths.world_data("inet", "imagenet")))
+    ref_mu, ref_sigma = fidlib.feature_stats(_archive_features(paths.world_data("inet", ".zip")))
     np.testing.assert_allclose(mu, ref_mu, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sigma, ref_sigma, rtol=0, atol=1e-12)
     assert meta["count"] == len(CLASSES) * PER_CLASS and meta["features"] == "inception-legacy-tf"
@@ -117,15 +117,15 @@ def test_reference_subset_is_spread_over_classes(tmp_path, monkeypatch, inceptio
     from mct.worlds.registry import make_world
 
     world = make_world("inet", load_params("params.yaml").worlds["inet"])
-    batches = list(world.reference_batches(paths.world_data("inet", "imagenet"), batch_size=4))
+    batches = list(world.reference_batches(paths.world_data("inet", ".zip"), batch_size=4))
     assert [len(b) for b in batches] == [4, 2] and batches[0].dtype == torch.uint8
     from mct.worlds.imagenet import ImageZipDataset
 
-    ds = ImageZipDataset(paths.world_data("inet", "imagenet"), one_hot=False)
+    ds = ImageZipDataset(paths.world_data("inet", ".zip"), one_hot=False)
     index_of = {ds.image(i).tobytes(): i for i in range(len(ds))}
     chosen = [index_of[img.permute(1, 2, 0).numpy().tobytes()] for b in batches for img in b]
     assert len(set(chosen)) == 6 and set(chosen) != set(range(6))  # not the archive's first (class-sorted) images
-    again = list(world.reference_batches(paths.world_data("inet", "imagenet"), batch_size=6))
+    again = list(world.reference_batches(paths.world_data("inet", ".zip"), batch_size=6))
     assert torch.equal(torch.cat(batches), again[0])  # the order is fixed
 
 

@@ -19,6 +19,7 @@ import torch
 from mct import report
 from mct.config import parse_params
 from mct.report import NOT_RUN, build_report
+from mct.worlds.toy2d import Toy2D
 from tests.conftest import TINY_RAW
 
 ARTIFACTS = Path("/tmp/mct-test-artifacts")
@@ -223,7 +224,7 @@ def test_metrics_json(built):
     assert missing["status"] == NOT_RUN and missing["fid"] is None and missing["init"] == "scratch"
     assert missing["K"] == 4 and missing["nfe"] == 1
     # Stable keys: every record of a kind has every documented key, whether or not it ran.
-    toy_keys = set(report.EXPERIMENT_KEYS + report.TOY2D_KEYS) | {"status"}
+    toy_keys = set(report.EXPERIMENT_KEYS + Toy2D.exact_metric_keys) | {"status"}
     assert set(missing) == toy_keys and set(metrics["tiny_emd"]) == toy_keys
     assert set(metrics["dg_emd"]) == set(report.EXPERIMENT_KEYS) | {"status"}
     assert metrics["digits_conv"] == {"teacher": "digits_conv", "world": "digits", "method": "teacher",

@@ -128,9 +128,9 @@ def test_log_with_is_validated(tiny_raw):
 def test_convergence_summary_is_the_trapezoid_time_average():
     """Points (10, 0.5), (20, 0.3), (40, 0.1): area 10*0.4 + 20*0.2 = 8 over a span of 30."""
     pts = [{"iteration": 40, "mode_tv": 0.1}, {"iteration": 10, "mode_tv": 0.5}, {"iteration": 20, "mode_tv": 0.3}]
-    s = convergence_summary(pts, "toy2d")
+    s = convergence_summary(pts, "mode_tv")
     assert s["convergence_auc"] == pytest.approx(8 / 30) and s["convergence_points"] == 3
-    assert convergence_summary(pts[:1], "toy2d") == {} and convergence_summary(pts, "imagenet") == {}
+    assert convergence_summary(pts[:1], "mode_tv") == {} and convergence_summary(pts, None) == {}
 
 
 def test_world_metrics_tell_the_data_from_noise(tiny_raw):
@@ -170,6 +170,7 @@ def test_report_section_draws_both_methods_with_seed_bands(tiny_raw, tmp_path, m
     for name in ("tiny_di", "tiny_emd"):
         tiny_raw["experiments"][name]["seeds"] = [0, 1, 2]
     params = parse_params(tiny_raw)
+    toy2d_world = make_world("toy2d", params.worlds["toy2d"])
     runs = tmp_path / "runs"
     auc = {}
     for name, rate in (("tiny_di", 0.01), ("tiny_emd", 0.05)):
@@ -180,12 +181,12 @@ def test_report_section_draws_both_methods_with_seed_bands(tiny_raw, tmp_path, m
             d = runs / distill_dir(run_name(name, s)).relative_to("runs")
             d.mkdir(parents=True)
             (d / "convergence.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pts))
-            auc[name, s] = convergence_summary(pts, "toy2d")["convergence_auc"]
+            auc[name, s] = convergence_summary(pts, "mode_tv")["convergence_auc"]
     claim = Claim("emd_converge", "faster", "convergence_auc", "lower", {"toy2d": ("tiny_emd", "tiny_di")})
     monkeypatch.setattr(claims, "CLAIMS", (claim,))
     page, figures = Page("t"), tmp_path / "figures"
     figures.mkdir()
-    add_convergence(page, params, "smoke", Sources(tmp_path / "reports", runs), figures, {"toy2d": "toy2d"},
+    add_convergence(page, params, "smoke", Sources(tmp_path / "reports", runs), figures, {"toy2d": toy2d_world},
                     ["toy2d"])
     assert page.sections() == ["Convergence"] and (figures / "toy2d_convergence.png").stat().st_size > 10_000
     table = next(b[1] for b in page.blocks if b[0] == "table").frame.set_index("experiment")

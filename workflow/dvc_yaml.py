@@ -64,7 +64,7 @@ def tracker_files(params: Params) -> tuple[list[str], list[dict]]:
     would declare them: each run's dvclive/metrics.json (`dvc metrics show`, `dvc exp show`), and per world one plot
     of the convergence metric (mct.convergence) of every run against the step, the iterations done
     (`dvc plots show`). Runs with another tracker or without evaluation points add nothing."""
-    from mct.convergence import CONVERGENCE_METRIC
+    from mct.worlds.registry import world_class
 
     metrics: list[str] = []
     curves: dict[str, dict[str, str]] = {}
@@ -74,7 +74,7 @@ def tracker_files(params: Params) -> tuple[list[str], list[dict]]:
             continue
         live = paths.distill_dir(paths.run_name(exp, seed)) / "dvclive"
         metrics.append(str(live / "metrics.json"))
-        key = CONVERGENCE_METRIC.get(params.worlds[cfg.world].kind)
+        key = world_class(params.worlds[cfg.world].kind).convergence_metric
         if key and cfg.distill.eval_every:
             curves.setdefault(cfg.world, {})[str(live / "plots" / "metrics" / "eval" / f"{key}.tsv")] = key
     plots = [{f"convergence-{w}": {"x": "step", "y": y, "title": f"{w}: {y[next(iter(y))]} during training"}}

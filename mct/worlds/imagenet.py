@@ -23,14 +23,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import PIL.Image
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from mct.worlds.base import EvalNeeds, World
+
+if TYPE_CHECKING:  # torch is imported where it runs: the stage table reads this module's world class torch-free
+    from torch import Tensor
 
 
 class DatasetError(ValueError):
@@ -296,8 +298,9 @@ def prepare_imagenet(source: str | Path, dest: str | Path, resolution: int | tup
 # --- reading a prepared zip ---------------------------------------------------------------------------
 
 
-class ImageZipDataset(Dataset):
-    """Lazy reader of an EDM dataset zip: item i -> (image (3, H, W) float32 in [-1, 1], label).
+class ImageZipDataset:
+    """Lazy reader of an EDM dataset zip: item i -> (image (3, H, W) float32 in [-1, 1], label); a map-style
+    dataset for torch's DataLoader (``__len__``, ``__getitem__``; torch asks no base class of it).
 
     The label is a one-hot float32 (num_classes,) (``one_hot=True``, the denoiser convention) or an int64
     scalar; an unlabelled archive gives num_classes == 0 and labels of shape (0,) / the value -1. The zip is
@@ -373,6 +376,8 @@ class ImageZipDataset(Dataset):
         return arr
 
     def label(self, i: int) -> Tensor:
+        import torch
+
         if self.one_hot:
             onehot = torch.zeros(self.num_classes, dtype=torch.float32)
             if self.labels is not None:
@@ -383,12 +388,14 @@ class ImageZipDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
+        import torch
+
         i = i % len(self)
         x = torch.from_numpy(self.image(i)).permute(2, 0, 1).to(torch.float32)
         return x / 127.5 - 1.0, self.label(i)
 
 
-class _Uint8Images(Dataset):
+class _Uint8Images:
     """Items ``indices[i]`` of a prepared archive as uint8 (3, H, W) tensors: what FID feature extractors read."""
 
     def __init__(self, dataset: ImageZipDataset, indices: list[int]) -> None:
@@ -398,6 +405,8 @@ class _Uint8Images(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Tensor:
+        import torch
+
         return torch.from_numpy(self.dataset.image(self.indices[i])).permute(2, 0, 1).contiguous()
 
 
@@ -405,8 +414,92 @@ def iter_uint8_batches(dataset: ImageZipDataset, indices: list[int], batch_size:
                        num_workers: int | None = None) -> Iterator[Tensor]:
     """uint8 (B, 3, H, W) batches of the given images, in that order; PNG decoding runs in DataLoader workers
     (default: up to 8, one core left free) when there are enough images to repay starting them."""
+    import torch.utils.data
     if num_workers is None:
         num_workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if len(indices) >= 20 * batch_size else 0
     loader = torch.utils.data.DataLoader(_Uint8Images(dataset, indices), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
     yield from loader
+
+
+class ImageNet(World):
+    """worlds.<name>: {kind: imagenet, source, resolution, num_classes, max_images, ref_images}: an EDM dataset zip
+    made from an ImageFolder tree by prepare_imagenet; teachers are the published EDM and ADM checkpoints.
+
+    Its scale sets its answers: FID in Inception's feature space (TensorFlow-legacy weights, so numbers compare
+    with the literature), the reference set the whole prepared archive streamed (not a held-out split), samples
+    stored as uint8 (what FID reads anyway, at a quarter of the size), and evaluation stages on a GPU."""
+
+    data_suffix = ".zip"
+    reference_split = "all"
+    feature_space = "inception-legacy-tf"
+    fd_name = "FID"
+    samples_uint8 = True
+    takes_published_checkpoints = True
+    eval_needs = EvalNeeds(mem_mb=32000, runtime=720, gpu=1, ref_threads=8)
+
+    @classmethod
+    def check_config(cls, cfg, key: str) -> str | None:
+        res = cfg.resolution
+        if res < 8 or res & (res - 1):
+            return f"{key}.resolution: the U-Nets take a power of two >= 8 (e.g. 64 or 128), got {res}"
+        return None
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (3, self.cfg.resolution, self.cfg.resolution)
+
+    @property
+    def label_dim(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def sigma_data(self) -> float:
+        return 0.5  # images in [-1, 1], EDM's convention
+
+    @property
+    def paper_dataset(self) -> str | None:
+        return f"ImageNet {self.cfg.resolution}x{self.cfg.resolution}"
+
+    def prepare(self, out: Path) -> None:
+        if not self.cfg.source:
+            raise ValueError(f"worlds.{self.name}.source: set the ImageNet folder or zip to prepare")
+        prepare_imagenet(self.cfg.source, out, self.cfg.resolution, max_images=self.cfg.max_images or None,
+                         num_classes=self.cfg.num_classes or None)
+
+    def load_split(self, path: Path, split: str = "train"):
+        raise NotImplementedError(f"load_split is not available for {self.kind} worlds; use ImageZipDataset")
+
+    def reference_batches(self, path: Path, batch_size: int = 500) -> Iterator[Tensor]:
+        """The prepared archive as uint8 images, streamed in a fixed shuffled order (seed 0), so any prefix of it
+        (the precision/recall subset, ``ref_images``) spreads over all classes; memory stays bounded."""
+        import torch
+
+        dataset = ImageZipDataset(path, one_hot=False)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        if self.cfg.ref_images:
+            order = order[:self.cfg.ref_images]
+        yield from iter_uint8_batches(dataset, order.tolist(), batch_size)
+
+    def build_network(self, arch: str, arch_kwargs: dict):
+        if arch == "edm":
+            from mct.diffusion import EDMPrecond
+
+            use_checkpoint = bool(arch_kwargs.get("use_checkpoint", False))
+            if "network" in arch_kwargs:  # EDM's architecture from its constructor kwargs (random weights)
+                from mct.nets.edm import build_network
+
+                net = build_network(arch_kwargs.get("model_type", "DhariwalUNet"),
+                                    **{**arch_kwargs["network"], "use_checkpoint": use_checkpoint})
+                return EDMPrecond(net, sigma_data=float(arch_kwargs.get("sigma_data", 0.5)),
+                                  label_dim=self.label_dim)
+            # EDM pickles carry their architecture: a fresh instance is the pickle loaded again (safely).
+            from mct.checkpoint import load_edm_pickle
+
+            return load_edm_pickle(arch_kwargs["source"], use_checkpoint=use_checkpoint)["ema"]
+        if arch == "adm":
+            # guided-diffusion's flags of the checkpoint; the VP schedule is its linear one over diffusion_steps.
+            from mct.nets.adm import build_adm_denoiser
+
+            return build_adm_denoiser(arch_kwargs, T=int(arch_kwargs.get("diffusion_steps", 1000)))
+        return super().build_network(arch, arch_kwargs)

@@ -1,108 +1,111 @@
-"""toy2d world: isotropic Gaussian mixtures in 2-D with an exact (analytic) denoiser.
+"""The toy2d world: a grid of isotropic Gaussians in the plane (mct.worlds.mixture), known in closed form.
 
-Because p_sigma = sum_k w_k N(mu_k, (s^2 + sigma^2) I) is known in closed form, the teacher's score is exact
-and distillation error is isolated from teacher error.
+Knowing the density buys three things no other world has, and this class is where each is answered: an exact
+denoiser (``distill.estep_teacher: analytic`` isolates distillation error from teacher error), exact metrics against
+the true mixture (mode coverage, mode-weight TV, NLL) and, during training, a Frechet distance to the mixture's exact
+moments. The evaluation's feature space is the plane itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
+from mct.worlds.base import World
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from mct.worlds.mixture import GaussianMixture
+
+_MIXTURE_NAMES = ("GaussianMixture", "grid_mixture", "MixtureDenoiser", "GaussianDenoiser")
 
 
-@dataclass(frozen=True)
-class GaussianMixture:
-    means: Tensor  # (M, 2)
-    weights: Tensor  # (M,), sums to 1
-    std: float  # isotropic width of every component
+def __getattr__(name: str) -> Any:
+    """The mixture math lives in mct.worlds.mixture (torch); ``from mct.worlds.toy2d import grid_mixture`` still
+    works, while importing this module for the world's static facts stays torch-free."""
+    if name in _MIXTURE_NAMES:
+        return getattr(importlib.import_module("mct.worlds.mixture"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __post_init__(self) -> None:
-        if self.means.ndim != 2 or self.weights.shape != (self.means.shape[0],):
-            raise ValueError("means must be (M, D) and weights (M,)")
-        if self.std <= 0:
-            raise ValueError(f"std must be > 0, got {self.std}")
-        if abs(float(self.weights.sum()) - 1.0) > 1e-5 or bool((self.weights < 0).any()):
-            raise ValueError("weights must be non-negative and sum to 1")
+
+class Toy2D(World):
+    """worlds.<name>: {kind: toy2d, grid, spacing, std, weights, seed}: the grid x grid mixture of grid_mixture."""
+
+    feature_space = "identity"
+    fd_name = "FD (2-D)"
+    has_analytic_denoiser = True
+    exact_metric_keys = ("modes_covered", "modes_total", "mode_tv", "mode_precision", "nll")
+    # mode TV: the mode-covering target (0 = exact weights); lower is better
+    convergence_metric = "mode_tv"
+    convergence_panels = ("mode_tv", "fd_2d", "modes_covered")
+    sample_figure = "points"
+
+    @cached_property
+    def mixture(self) -> GaussianMixture:
+        from mct.worlds.mixture import grid_mixture
+
+        return grid_mixture(self.cfg.grid, self.cfg.spacing, self.cfg.std, self.cfg.weights)
 
     @property
-    def dim(self) -> int:
-        return self.means.shape[1]
+    def data_shape(self) -> tuple[int, ...]:
+        return (2,)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        noise = torch.randn(n, self.dim, generator=generator)
-        return self.means[idx] + self.std * noise
+    @cached_property  # read on every training step
+    def sigma_data(self) -> float:
+        return self.mixture.data_std()
 
-    def data_std(self) -> float:
-        """Overall standard deviation per coordinate (EDM's sigma_data for this world)."""
-        mean = (self.weights[:, None] * self.means).sum(0)
-        var = (self.weights[:, None] * (self.means - mean) ** 2).sum(0).mean() + self.std**2
-        return float(var.sqrt())
+    def analytic_denoiser(self) -> nn.Module:
+        from mct.worlds.mixture import MixtureDenoiser
 
-    def log_prob(self, x: Tensor, sigma: float | Tensor = 0.0) -> Tensor:
-        """log p_sigma(x) of the mixture convolved with N(0, sigma^2 I)."""
-        var = self.std**2 + torch.as_tensor(sigma, dtype=x.dtype) ** 2
-        var = var.reshape(-1, 1) if var.ndim else var
-        d2 = ((x[:, None, :] - self.means[None].to(x)) ** 2).sum(-1)  # (B, M)
-        log_n = -0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * torch.pi * var)
-        return torch.logsumexp(torch.log(self.weights.to(x))[None] + log_n, dim=1)
+        return MixtureDenoiser(self.mixture)
 
+    def prepare(self, out: Path, num_train: int = 100_000, num_test: int = 20_000) -> None:
+        """Fixed train/test draws from the mixture (seed ``cfg.seed``), with the mixture's parameters."""
+        import numpy as np
+        import torch
 
-def grid_mixture(grid: int = 5, spacing: float = 1.0, std: float = 0.05, weights: str = "unequal") -> GaussianMixture:
-    """A grid x grid lattice centred at 0. With level l = (i + 2 j) mod 5, every row and column holds every level:
-    'unequal' weights are proportional to 1 + l / 2 (a factor 3 between modes), 'skewed' to 25^(l / 4) (a factor 25:
-    the small modes are where mode-seeking visibly drops mass)."""
-    coords = (torch.arange(grid, dtype=torch.float32) - (grid - 1) / 2) * spacing
-    ii, jj = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    means = torch.stack([coords[ii.flatten()], coords[jj.flatten()]], dim=1)
-    if weights == "equal":
-        w = torch.ones(grid * grid)
-    elif weights == "unequal":
-        w = 1.0 + ((ii + 2 * jj) % 5).flatten().float() / 2.0
-    elif weights == "skewed":
-        w = 25.0 ** (((ii + 2 * jj) % 5).flatten().float() / 4.0)
-    else:
-        raise ValueError(f"weights must be 'equal', 'unequal' or 'skewed', got {weights!r}")
-    return GaussianMixture(means=means, weights=w / w.sum(), std=float(std))
+        from mct.io import atomic_path
 
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        train = self.mixture.sample(num_train, gen).numpy()
+        test = self.mixture.sample(num_test, gen).numpy()
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, train_x=train, test_x=test, means=self.mixture.means.numpy(),
+                         weights=self.mixture.weights.numpy(), std=np.float32(self.cfg.std))
 
-class MixtureDenoiser(nn.Module):
-    """Exact denoiser E[x0 | x_sigma] of a Gaussian mixture: responsibilities times per-component posteriors.
+    def load_split(self, path: Path, split: str = "train") -> tuple[Tensor, Tensor | None]:
+        import numpy as np
+        import torch
 
-    With r_k(x) = posterior of component k given x_sigma, E[x0|x] = sum_k r_k (mu_k + s^2 / (s^2 + sigma^2) (x - mu_k)).
-    """
+        with np.load(path) as f:
+            return torch.from_numpy(f[f"{split}_x"]).float(), None
 
-    def __init__(self, mixture: GaussianMixture) -> None:
-        super().__init__()
-        self.register_buffer("means", mixture.means.clone())
-        self.register_buffer("log_weights", torch.log(mixture.weights.clamp_min(1e-30)))
-        self.std = mixture.std
+    def exact_metrics(self, x: Tensor) -> dict[str, Any]:
+        from mct.metrics.modes import mode_statistics
 
-    def forward(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
-        var = self.std**2 + sigma.to(x.dtype).reshape(-1, 1) ** 2  # (B, 1)
-        d2 = ((x[:, None, :] - self.means[None]) ** 2).sum(-1)  # (B, M)
-        resp = torch.softmax(self.log_weights[None] - 0.5 * d2 / var, dim=1)  # (B, M)
-        shrink = self.std**2 / var  # (B, 1)
-        post = self.means[None] + shrink[:, :, None] * (x[:, None, :] - self.means[None])  # (B, M, D)
-        return (resp[:, :, None] * post).sum(1)
+        m = self.mixture
+        return {k: (int(v) if k.startswith("modes_") else float(v))
+                for k, v in mode_statistics(x, m.means, m.weights, m.std).items()}
 
+    def training_metric(self):
+        """Exact mode statistics and the 2-D Frechet distance to the mixture's exact moments."""
+        from mct.metrics.frechet import frechet_to_gaussian
+        from mct.metrics.modes import mode_statistics
 
-class GaussianDenoiser(nn.Module):
-    """Exact denoiser of N(mean, cov): E[x0|x] = mean + cov (cov + sigma^2 I)^-1 (x - mean).
+        mu, cov = (t.numpy() for t in self.mixture.moments())
+        m = self.mixture
 
-    With cov = U diag(lam) U^T the gain is U diag(lam / (lam + sigma^2)) U^T, applied per sample in the eigenbasis.
-    """
+        def toy(x: Tensor) -> dict[str, float]:
+            stats = mode_statistics(x, m.means, m.weights, m.std)
+            return {"modes_covered": float(stats["modes_covered"]), "mode_tv": stats["mode_tv"],
+                    "mode_precision": stats["mode_precision"], "fd_2d": frechet_to_gaussian(x.double().numpy(), mu,
+                                                                                              cov)}
 
-    def __init__(self, mean: Tensor, cov: Tensor) -> None:
-        super().__init__()
-        lam, U = torch.linalg.eigh(cov.double())
-        self.register_buffer("mean", mean.clone())
-        self.register_buffer("eigvals", lam.clamp_min(0).to(cov.dtype))
-        self.register_buffer("eigvecs", U.to(cov.dtype))
+        return toy
 
-    def forward(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
-        s2 = sigma.to(x.dtype).reshape(-1, 1) ** 2
-        coords = (x - self.mean) @ self.eigvecs  # (B, D) in the eigenbasis
-        return self.mean + (coords * self.eigvals / (self.eigvals + s2)) @ self.eigvecs.T
+    def noise_floor_ready(self, feature_path: Path | None) -> bool:
+        return True  # the data is regenerated from params

@@ -1,0 +1,155 @@
+"""What mct needs to know about a world, asked in one place: the :class:`World` interface.
+
+A world is a data distribution together with everything that differs between distributions: the shape and the
+labels of a sample, EDM's sigma_data, how its data file is made and read, the reference set and the feature space
+of its evaluation, the networks that can denoise it, an exact denoiser or exact metrics when the world has them,
+and what its stages ask of a scheduler. Everything else in mct (the stage table, the CLI, training, evaluation, the
+report) asks the world and never tests which world it holds, so a new world is one new class (one file) and a
+``kind`` in params.yaml: no other module learns its name.
+
+Two kinds of knowledge live here, and the split is deliberate:
+
+* class attributes and classmethods are *static*: the data file's suffix, whether evaluation needs a trained
+  feature network, the evaluation resources, the config checks. The stage table and the params validation read
+  them while Snakemake parses the workflow, so this module and every world class file import no torch at module
+  level (torch costs seconds, paid for every job);
+* instance methods are *runtime*: sampling shapes, data, networks, features. They import torch where they run.
+
+A world instance is cheap (a name and its :class:`~mct.config.WorldConfig`); build one with
+:func:`mct.worlds.registry.make_world`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from mct.config import WorldConfig
+    from mct.diffusion import EDMPrecond
+
+
+@dataclass(frozen=True)
+class EvalNeeds:
+    """What a world's evaluation stages (ref-stats, teacher-eval, evaluate) ask a scheduler for. Small worlds are
+    scored on a CPU in minutes; Inception over 50k samples or a whole training set wants a GPU, memory and hours."""
+
+    mem_mb: int = 8000
+    runtime: int = 120  # minutes
+    gpu: int = 0
+    ref_threads: int = 2  # ref-stats: decoding workers for image archives
+
+
+class World(ABC):
+    """One world: a name (params.yaml's key), its config and the answers every stage asks of it.
+
+    Subclasses set the class attributes that differ from the defaults below and implement the abstract methods;
+    :func:`mct.worlds.registry.register` gives the class its ``kind``.
+    """
+
+    kind: ClassVar[str] = ""  # params.yaml's `kind`, set by registry.register
+    data_suffix: ClassVar[str] = ".npz"  # the prepared data file (paths.world_data)
+    reference_split: ClassVar[str] = "test"  # what the FID reference statistics are computed over (their metadata)
+    needs_feature_net: ClassVar[bool] = False  # evaluation measures FID through a network trained by `mct features`
+    # where FID and precision/recall are measured: a space of mct.evaluate.FEATURE_SPACES ('identity': the samples
+    # themselves, exact for low-dimensional worlds; 'digits-feature-net': the classifier `mct features` trains;
+    # 'inception-legacy-tf'). Named, not built here: every stage imports its world, only evaluation the metrics.
+    feature_space: ClassVar[str] = "identity"
+    fd_name: ClassVar[str] = "FD"  # the report's column header of the Frechet distance in this feature space
+    samples_uint8: ClassVar[bool] = False  # `mct sample` stores quantised uint8 images (as EDM saves them)
+    takes_published_checkpoints: ClassVar[bool] = False  # fetched EDM/ADM teachers (arch edm, adm) fit this world
+    has_analytic_denoiser: ClassVar[bool] = False  # distill.estep_teacher: analytic is possible
+    exact_metric_keys: ClassVar[tuple[str, ...]] = ()  # keys of exact_metrics(); the report's extra columns
+    convergence_metric: ClassVar[str | None] = None  # the training_metric() key convergence_auc integrates
+    convergence_panels: ClassVar[tuple[str, ...]] = ()  # training_metric() keys the report plots over training
+    sample_figure: ClassVar[str] = "grid"  # the report's sample figure: 'points' (a scatter) or 'grid' (images)
+    eval_needs: ClassVar[EvalNeeds] = EvalNeeds()
+
+    def __init__(self, name: str, cfg: WorldConfig) -> None:
+        self.name, self.cfg = name, cfg
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # --- static: read torch-free by params validation and the stage table -------------------------------------
+
+    @classmethod
+    def check_config(cls, cfg: WorldConfig, key: str) -> str | None:
+        """A problem with this world's settings, as the message after ``key`` (worlds.<name>), or None."""
+        return None
+
+    @property
+    def data_file(self) -> Path:
+        from mct import paths
+
+        return paths.world_data(self.name, self.data_suffix)
+
+    # --- the data ---------------------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def data_shape(self) -> tuple[int, ...]:
+        """The shape of one sample (without the batch dimension)."""
+
+    @property
+    def label_dim(self) -> int:
+        """Classes of the class-conditional world (one-hot labels of this length); 0: unconditional."""
+        return 0
+
+    @property
+    @abstractmethod
+    def sigma_data(self) -> float:
+        """EDM's sigma_data: the data's standard deviation per coordinate, which the preconditioning assumes."""
+
+    @abstractmethod
+    def prepare(self, out: Path) -> None:
+        """Write the world's data file to ``out`` (atomically): the `prepare` stage."""
+
+    def load_split(self, path: Path, split: str = "train") -> tuple[Tensor, Tensor | None]:
+        """(x, one-hot labels or None) of a split ('train' or 'test') of a prepared data file."""
+        raise NotImplementedError(f"world {self.name!r} ({self.kind}) has no in-memory splits")
+
+    def reference_batches(self, path: Path, batch_size: int = 500) -> Iterator[Tensor]:
+        """The FID reference set in batches; by default the held-out split."""
+        x, _ = self.load_split(path, "test")
+        yield from x.split(batch_size)
+
+    # --- networks ---------------------------------------------------------------------------------------------
+
+    def build_network(self, arch: str, arch_kwargs: dict) -> EDMPrecond:
+        """A fresh denoiser of architecture ``arch`` for this world (teacher, generator, score network)."""
+        if arch == "mlp":
+            from mct.nets.mlp import build_mlp_denoiser
+
+            return build_mlp_denoiser(dim=self.data_shape[0], sigma_data=self.sigma_data, label_dim=self.label_dim,
+                                      **arch_kwargs)
+        raise ValueError(f"arch {arch!r} cannot be built for world {self.name!r}")
+
+    def analytic_denoiser(self) -> nn.Module:
+        """The exact denoiser E[x0 | x_sigma], where the world knows its density in closed form."""
+        raise ValueError(f"world {self.name!r} ({self.kind}) has no analytic denoiser")
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+
+    def exact_metrics(self, x: Tensor) -> dict[str, Any]:
+        """Metrics against the true distribution (keys ``exact_metric_keys``), for worlds that know it."""
+        return {}
+
+    def training_metric(self) -> Callable[[Tensor], dict[str, float]] | None:
+        """A cheap quality metric of samples, computed during training (convergence curves); None: none."""
+        return None
+
+    def noise_floor_ready(self, feature_path: Path | None) -> bool:
+        """Whether the report can measure this world's data against itself (train vs held-out split)."""
+        return False
+
+    @property
+    def paper_dataset(self) -> str | None:
+        """The dataset name under which the paper's tables (mct/data/paper_numbers.csv) report this world, if any."""
+        return None
+
