@@ -24,7 +24,7 @@ import ast
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,6 @@ class Stage:
     launch: Callable[[Params, Any], str] = lambda p, n: "mct"
     append_log: bool = False  # distill: every attempt (a resumed run) keeps its log
     retries: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _data(p: Params, world: str) -> str:
@@ -300,14 +299,6 @@ def jobs(params: Params, suite: str | None = None, params_file: str = "params.ya
     """Every job of a suite (default: params.suite), stage by stage in table order."""
     suite = suite or params.suite
     return [job(params, st, n, params_file) for st in STAGES for n in st.names(params, suite)]
-
-
-def find_run(params: Params, suite: str, run: str) -> tuple[str, int | None]:
-    """(experiment, seed) of a run name of the suite."""
-    for r in params.suite_runs(suite):
-        if paths.run_name(*r) == run:
-            return r
-    raise KeyError(f"no run {run!r} in suite {suite!r}")
 
 
 def log_file(stage: str, name: str | None, suite: str) -> Path:
