@@ -1140,9 +1140,10 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
                                         "(Diff-Instruct dashed, teacher dotted)")
         page.figure(f"{w}_noise_cancellation.png", f"{w}: generator gradient norm and loss over training, "
                                                    "with and without noise cancellation (running mean)")
+        points = world.sample_figure == "points"
         page.figure(f"{w}_samples.png", f"{w}: the data, the teacher and each experiment over the true "
-                                        "mixture density" if toy else f"{w}: samples of each experiment, "
-                                                                      "as image grids")
+                                        "mixture density" if points else f"{w}: samples of each experiment, "
+                                                                         "as image grids")
         for name in grids:
             page.figure(name, f"{w}: sample grid {name}")
         page.figure(f"{w}_speed.png", f"{w}: speed-up of each one-step student over the teacher (ratio of "
