@@ -106,6 +106,21 @@ def test_the_world_is_named_only_where_it_is_defined():
     assert KIND not in WORLDS
 
 
+def test_world_classes_answer_the_stage_table_without_torch():
+    """Snakemake imports the stage table and the params schema for every job: the world classes they consult must
+    not import torch (seconds per job), so their modules import it where it runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mct.stages, mct.config, mct.worlds.registry as r\n"
+            "p = mct.config.load_params('params.yaml')\n"
+            "mct.stages.jobs(p)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+
+
 def test_an_unregistered_kind_is_refused(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     with pytest.raises(ConfigError, match=rf"worlds\.g3\.kind: unknown value '{KIND}'"):
