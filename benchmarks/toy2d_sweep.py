@@ -46,6 +46,7 @@ SETTINGS: dict[str, dict] = {
     "curv_k16": {"K": 16, "z_step": "curvature", "gamma_z": 0.3},
     "curv_k8_g0.1": {"K": 8, "z_step": "curvature", "gamma_z": 0.1},
     "curv_k8_g1": {"K": 8, "z_step": "curvature", "gamma_z": 1.0},
+    "curv_k8_linear": {"K": 8, "z_step": "curvature", "gamma_z": 0.3, "cancel_scheme": "linear"},
     "curv_k8_x_z": {"K": 8, "z_step": "curvature", "gamma_z": 0.3, "space": "x_z"},
     "curv_k8_x_z_linear": {"K": 8, "z_step": "curvature", "gamma_z": 0.3, "space": "x_z", "cancel_scheme": "linear"},
 }

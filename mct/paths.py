@@ -6,6 +6,8 @@ from pathlib import Path
 
 RUNS = Path("runs")
 REPORTS = Path("reports")
+# benchmark outputs the report shows (written by benchmarks/estep_fidelity.py and benchmarks/toy2d_sweep.py)
+REPORT_BENCHMARKS = (REPORTS / "benchmarks" / "estep_fidelity", REPORTS / "benchmarks" / "toy2d_sweep")
 
 
 def world_data(world: str, suffix: str = ".npz") -> Path:

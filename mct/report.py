@@ -1150,9 +1150,11 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
                                       "samples per second; dashed: the teacher's NFE)")
         page.h(3, "All experiments")
         page.table(experiments_table(w, we, toy, kinds[w]))
-    from mct.report_estep import add_estep_fidelity  # the E-step fidelity benchmark's section, if it has run
+    # the E-step benchmarks' sections, if they have run
+    from mct.report_estep import add_estep_fidelity, add_toy2d_sweep
 
     add_estep_fidelity(page, src.reports_in / "benchmarks" / "estep_fidelity", figures)
+    add_toy2d_sweep(page, src.reports_in / "benchmarks" / "toy2d_sweep")
     page.h(2, "Paper-scale results")
     for t in paper_tables(params, worlds, per_world):
         page.table(t)

@@ -253,7 +253,11 @@ STAGES: tuple[Stage, ...] = (
               "experiments": [str(paths.experiment_metrics(paths.run_name(*r))) for r in p.suite_runs(s)],
               "samples": [str(paths.samples_file(paths.run_name(*r))) for r in p.suite_runs(s)],
               "distill": [str(paths.distill_dir(paths.run_name(*r))) for r in p.suite_runs(s)],
-              "teachers": [str(paths.teacher_metrics(t)) for t in p.suite_teachers(s)]},
+              "teachers": [str(paths.teacher_metrics(t)) for t in p.suite_teachers(s)],
+              # the toy2d panels draw the teacher's own samples
+              "teacher_nets": [str(paths.teacher_file(t)) for t in p.suite_teachers(s)],
+              # the E-step benchmarks' committed outputs, shown in their own sections when present
+              "benchmarks": [str(d) for d in paths.REPORT_BENCHMARKS if Path(d).exists()]},
           outputs=lambda p, s: {"metrics": str(paths.metrics_file()), "index_md": str(paths.report_index()),
                                 "index_html": str(paths.REPORTS / "index.html"),
                                 "tables": str(paths.REPORTS / "tables"), "figures": str(paths.REPORTS / "figures")},
