@@ -37,9 +37,11 @@ class EStepResult:
     reset: Tensor  # (B,) bool: chains the guard reset to their start
 
     def health(self) -> dict[str, float]:
-        """Chain health for the training log."""
+        """Chain health for the training log: z moves of the chains that were kept (an exploded chain's move would
+        swamp the mean), the largest finite move of any chain, and the shares moved, reset and non-finite."""
+        kept = self.z_shift[~self.reset]
         finite = self.z_shift[torch.isfinite(self.z_shift)]
-        return {"z_move_rms": float(finite.mean()) if finite.numel() else math.nan,
+        return {"z_move_rms": float(kept.mean()) if kept.numel() else math.nan,
                 "z_move_max": float(finite.max()) if finite.numel() else math.nan,
                 "z_moved_frac": float((self.z_shift > 1.0).float().mean()),
                 "chains_reset_frac": float(self.reset.float().mean()),

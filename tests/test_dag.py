@@ -31,6 +31,8 @@ WORKFLOW_FILES = ("Snakefile", "dvc.yaml", "params.yaml", ".dvcignore")
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 ENV.pop("SNAKEMAKE_PROFILE", None)
 ARTIFACT_ROOTS = (paths.RUNS.name, paths.REPORTS.name)
+# committed outputs of the benchmark scripts (not stages) that the report shows: inputs from git, like params.yaml
+SCRIPT_OUTPUTS = {str(d) for d in paths.REPORT_BENCHMARKS}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ def scratch_copy(dst: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "profiles", "*.pyc")
     shutil.copytree(REPO / "workflow", dst / "workflow", ignore=ignore)
     shutil.copytree(REPO / "mct", dst / "mct", ignore=ignore)
+    for bench in paths.REPORT_BENCHMARKS:  # committed benchmark outputs the report stage reads
+        if (REPO / bench).exists():
+            shutil.copytree(REPO / bench, dst / bench)
     (dst / ".dvc").mkdir()
     shutil.copy2(REPO / ".dvc" / "config", dst / ".dvc" / "config")
     (dst / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")  # the copy is no git repo
@@ -173,7 +178,7 @@ def dvc_stages(root: Path) -> dict[tuple[str, str | None], Stage]:
     for st in loaded:
         inputs, code = set(), set()
         for dep in (d.def_path for d in st.deps if not isinstance(d, ParamsDependency)):
-            if dep in outs_of:
+            if dep in outs_of or dep in SCRIPT_OUTPUTS:
                 inputs.add(dep)
             else:
                 assert Path(dep).parts[0] not in ARTIFACT_ROOTS, f"{st.name}: no stage makes its dependency {dep}"
