@@ -77,10 +77,6 @@ def _check(fn):  # field metadata helper
     return {"check": fn}
 
 
-_CHOICES = {"space": SAMPLING_SPACES, "cancel_scheme": ("auto", "linear", "antithetic"),
-            "z_step": ("shrink", "curvature"), "mstep_weight": MSTEP_WEIGHTS}
-
-
 # Upper bounds of the integer settings (tests/test_reliability_inputs.py names each): far above any run this
 # project plans (the paper's largest: K = 16, batch 1024, 300k iterations, 50k FID samples), far below sizes that
 # hang or fail to allocate.
@@ -234,10 +230,12 @@ class LangevinConfig:
 
     def __post_init__(self) -> None:
         # The same checks as params.yaml's, for code that builds the settings directly.
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _CHOICES and value not in _CHOICES[f.name]:
-                raise ValueError(f"{f.name}: unknown value {value!r}; expected one of {list(_CHOICES[f.name])}")
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
+            if choices and value not in choices:
+                raise ValueError(f"{f.name}: unknown value {value!r}; expected one of {list(choices)}")
             check = f.metadata.get("check")
             problem = check(value) if (check is not None and value is not None) else None
             if problem:

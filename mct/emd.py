@@ -82,7 +82,7 @@ def jacobian_top_eigenvalue(generator: nn.Module, z: Tensor, labels: Tensor | No
     with torch.enable_grad():
         g = generator(z_leaf, labels)
         for _ in range(iters):
-            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(-1, *([1] * (z.ndim - 1)))
+            v = v / append_dims(v.flatten(1).norm(dim=1).clamp_min(1e-30), z.ndim)
             u = torch.zeros_like(g, requires_grad=True)
             (jt_u,) = torch.autograd.grad(g, z_leaf, grad_outputs=u, create_graph=True)
             (jv,) = torch.autograd.grad(jt_u, u, grad_outputs=v)  # J v
