@@ -78,7 +78,7 @@ def run_one(params, world_name: str, setting: str, seed: int, iterations: int | 
         except DivergenceError as e:
             return {**row, "status": f"diverged: {str(e)[:120]}", "seconds": time.perf_counter() - t0}
         gen = load_generator(tmp / "out" / "generator.pt", world, key="ema")
-        x, _ = generate(gen, world.data_shape, samples, seed=1234, label_dim=0)
+        x, _ = generate(gen, world.data_shape, samples, seed=1234, labels=0)
         log = pd.read_json(tmp / "out" / "log.jsonl", lines=True)
     m = world.mixture
     st = mode_statistics(x, m.means, m.weights, m.std)

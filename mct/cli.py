@@ -65,6 +65,10 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     tcfg = params.teacher(args.teacher)
     world = _world(params, tcfg.world)
     out = Path(args.out or _teacher_path(params, args.teacher))
+    if tcfg.kind == "local":  # a world's own model folder (text2image: Stable Diffusion), verified and imported
+        info = world.import_teacher(tcfg, out)
+        print(f"imported teacher {args.teacher} -> {out}: {info}")
+        return 0
     if tcfg.kind == "fetch":
         from mct.fetch import check_sha256, fetch_pinned
 
@@ -143,8 +147,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         acc = Accelerator(cpu=not torch.cuda.is_available())
         device, main_process, processes = acc.device, acc.is_main_process, acc.num_processes
     # uint8 for image worlds at scale: 50k float images would be 4x larger; FID reads them quantised anyway
-    x, y = generate_all(gen, world.data_shape, n, seed, world.label_dim, exp.eval.batch_size, device,
-                        uint8=world.samples_uint8)
+    x, y = generate_all(gen, world.data_shape, n, seed, world.eval_labels, exp.eval.batch_size, device,
+                        finish=world.finish_samples)
     if not main_process:
         return 0
     out = Path(args.out or paths.samples_file(run))

@@ -148,6 +148,15 @@ class WorldConfig:
     max_images: int = field(default=0, metadata=_check(_at_most(MAX_IMAGES, _non_negative)))  # 0 = all
     ref_images: int = field(default=0, metadata=_check(_at_most(MAX_IMAGES, _non_negative)))  # FID reference, 0 = all
     seed: int = 0
+    # text2image (source: the local diffusers Stable Diffusion folder; resolution: of the generated images)
+    sha256_files: dict[str, str] = field(default_factory=dict)  # the folder's weight files, pinned by path
+    captions: str = ""  # training prompts: a .txt (one per line) or a COCO captions JSON
+    annotations: str = ""  # evaluation captions: COCO's captions_val2014.json
+    images: str = ""  # evaluation reference images: COCO's val2014 folder
+    eval_prompts: int = field(default=30000, metadata=_check(_at_most(MAX_SAMPLES)))
+    eval_resolution: int = field(default=256, metadata=_check(_at_most(MAX_RESOLUTION)))
+    clip_weights: str = ""  # open_clip weights file (safetensors) for the CLIP score
+    clip_model: str = "ViT-g-14"  # an open_clip model name, or a model config .json file
 
 
 @dataclass(frozen=True)
@@ -155,8 +164,10 @@ class TeacherConfig:
     """How a teacher comes to be: trained by a stage, fetched (pinned by sha256) or analytic (toy2d)."""
 
     world: str
-    kind: Literal["train", "fetch"] = "train"
-    arch: Literal["mlp", "conv", "edm", "adm"] = "mlp"  # edm: an EDM pickle; adm: guided-diffusion flags
+    # train: by a stage; fetch: downloaded, pinned; local: imported from the world's own model folder (text2image)
+    kind: Literal["train", "fetch", "local"] = "train"
+    # edm: an EDM pickle; adm: guided-diffusion flags; sd_unet: a diffusers UNet2DConditionModel (kind local)
+    arch: Literal["mlp", "conv", "edm", "adm", "sd_unet"] = "mlp"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     iterations: int = field(default=3000, metadata=_check(_at_most(MAX_ITERATIONS, _non_negative)))
     batch_size: int = field(default=512, metadata=_check(_at_most(MAX_BATCH)))
@@ -166,6 +177,7 @@ class TeacherConfig:
     sampler_steps: int = field(default=18, metadata=_check(_at_most(10_000)))
     sigma_max: float = field(default=80.0, metadata=_check(_positive))
     sigma_min: float = field(default=0.002, metadata=_check(_positive))
+    guidance_scale: float = field(default=1.0, metadata=_check(_positive))  # teacher-eval's CFG (1: none)
     source: str = ""
     sha256: str | None = field(default=None, metadata=_check(_sha256))
     seed: int = 0
@@ -280,10 +292,17 @@ class DistillConfig(LangevinConfig):
     checkpoint_every: int = field(default=500, metadata=_check(_at_most(MAX_ITERATIONS)))
     seed: int = 0
     gpus: int = field(default=0, metadata=_check(_at_most(MAX_PROCESSES, _non_negative)))
-    num_processes: int = field(default=1, metadata=_check(_at_most(MAX_PROCESSES)))
+    num_processes: int = field(default=1, metadata=_check(_at_most(MAX_PROCESSES)))  # in total, over all nodes
+    # Machines (Slurm nodes) the run spans; `gpus` is per node. With nodes > 1, mct.stages.launcher starts one
+    # `accelerate launch` per node and num_processes must be nodes * gpus (nodes * k on CPU nodes): check_nodes.
+    nodes: int = field(default=1, metadata=_check(_at_most(MAX_PROCESSES)))
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_accum: int = field(default=1, metadata=_check(_at_most(MAX_BATCH)))
     grad_checkpoint: bool = False
+    # Classifier-free guidance of the teacher's score in the E-step (1: none; conditional worlds with an
+    # unconditional input, World.null_labels); the score network is guided only when guide_score_net is set.
+    guidance_scale: float = field(default=1.0, metadata=_check(_positive))
+    guide_score_net: bool = False
     # Tracking (mct.tracking): accelerate's tracker for the training metrics, every `log_every` iterations; the EMA
     # generator's quality on `eval_samples` samples every `eval_every` iterations (0: off).
     log_with: Literal["dvclive", "tensorboard", "wandb", "none"] = "dvclive"
@@ -293,6 +312,21 @@ class DistillConfig(LangevinConfig):
 
     def langevin(self) -> LangevinConfig:
         return LangevinConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LangevinConfig)})
+
+
+def check_nodes(d: DistillConfig) -> str | None:
+    """Why ``d``'s processes cannot be split over its nodes ("<key>: <reason>"), or None. num_processes is the
+    total over all nodes, split evenly: one process per GPU (nodes * gpus), or on CPU nodes (gpus: 0) any multiple
+    of nodes. nodes: 1 is checked no further (gpus and num_processes stay as independent as they were)."""
+    if d.nodes == 1:
+        return None
+    if d.gpus and d.num_processes != d.nodes * d.gpus:
+        return (f"num_processes: the total process count must be nodes * gpus = {d.nodes} * {d.gpus} = "
+                f"{d.nodes * d.gpus} (distill.gpus is per node, one process per GPU), not {d.num_processes}")
+    if not d.gpus and d.num_processes % d.nodes:
+        return (f"num_processes: the total process count must be a multiple of nodes ({d.nodes}) to split evenly "
+                f"over the nodes (gpus: 0), not {d.num_processes}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -571,6 +605,9 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
                               f"{teachers[cfg.teacher].world!r}, not {cfg.world!r}")
         if cfg.student.sigma_init is not None and cfg.student.log_snr_init is not None:
             raise ConfigError(f"{key}.student: give sigma_init or log_snr_init, not both")
+        problem = check_nodes(cfg.distill)
+        if problem:
+            raise ConfigError(f"{key}.distill.{problem}")
         if cfg.distill.batch_size % cfg.distill.grad_accum:
             raise ConfigError(f"{key}.distill.grad_accum: must divide batch_size ({cfg.distill.batch_size})")
         if cfg.distill.antithetic and (cfg.distill.batch_size // cfg.distill.grad_accum) % 2:

@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 from mct.config import ExperimentConfig, TeacherConfig
 from mct.convergence import FILE as CONVERGENCE_FILE
 from mct.convergence import convergence_summary, read_convergence
-from mct.diffusion import edm_heun_sample, heun_nfe
+from mct.diffusion import GuidedDenoiser, edm_heun_sample, heun_nfe
 from mct.io import write_json
 from mct.metrics import fid as fidlib
 from mct.metrics.precision_recall import precision_recall
 from mct.metrics.speed import samples_per_second
-from mct.student import generate, load_generator, one_hot_labels
+from mct.student import generate, load_generator
 from mct.teacher import load_denoiser
 from mct.worlds.registry import World
 
@@ -86,9 +86,15 @@ def _inception(feature_path: Path | None, device: torch.device) -> FeatureMap:
     return _images(fidlib.inception_feature_extractor("legacy_tensorflow", device), device, "legacy_tensorflow")
 
 
+def _inception_clean(feature_path: Path | None, device: torch.device) -> FeatureMap:
+    """Inception-v3 with clean-fid's 'clean' resizing: the zero-shot COCO protocol of DMD/DMD2."""
+    return _images(fidlib.inception_feature_extractor("clean", device), device, "clean")
+
+
 # The spaces a world can name (World.feature_space); the names are recorded with the reference statistics.
 FEATURE_SPACES: dict[str, Callable[[Path | None, torch.device], FeatureMap]] = {
-    "identity": _identity, "digits-feature-net": _trained_classifier, "inception-legacy-tf": _inception}
+    "identity": _identity, "digits-feature-net": _trained_classifier, "inception-legacy-tf": _inception,
+    "inception-clean": _inception_clean}
 
 
 class FeatureSpace:
@@ -136,6 +142,26 @@ class FeatureAccumulator:
         return np.concatenate(self.kept)
 
 
+class ConditionalMetrics:
+    """Means of a world's per-sample metrics against the samples' conditions (World.conditional_metrics: the CLIP
+    score of text2image), accumulated batch by batch; nothing for worlds without them."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, x: Tensor, ids: Tensor | None) -> None:
+        if not self.world.conditional_metric_keys:
+            return
+        for key, values in self.world.conditional_metrics(x, ids).items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(np.sum(values))
+        self.count += len(x)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()}
+
+
 def reference_stats(world: World, data: Path, feature_path: Path | None, out: Path,
                     batch_size: int = 500, progress: bool = False) -> dict[str, Any]:
     """FID statistics of the reference set (held-out split; the ImageNet archive), streamed, once per world.
@@ -165,15 +191,19 @@ def _quality(world: World, acc: FeatureAccumulator, ref: Path) -> dict[str, Any]
 
 
 def _teacher_sampler(teacher, world: World, steps: int, sigma_min: float, sigma_max: float,
-                     device: torch.device | str = "cpu"):
-    """n teacher samples (Heun); latents and labels are drawn on the CPU, so a seed gives the same set anywhere."""
-    def run(n: int, rng: torch.Generator | None = None) -> Tensor:
+                     device: torch.device | str = "cpu", guidance_scale: float = 1.0):
+    """Teacher samples (Heun, guided when ``guidance_scale`` != 1) of evaluation conditions start .. start + n - 1,
+    finished as the world stores samples; latents are drawn on the CPU, so a seed gives the same set anywhere.
+    Returns (samples, ids)."""
+    if guidance_scale != 1.0:
+        teacher = GuidedDenoiser(teacher, lambda b: world.null_labels(b, device), guidance_scale)
+
+    def run(n: int, rng: torch.Generator | None = None, start: int = 0) -> tuple[Tensor, Tensor | None]:
         rng = rng or torch.Generator().manual_seed(0)
         latents = torch.randn((n, *world.data_shape), generator=rng)
-        labels = one_hot_labels(n, world.label_dim, rng)
-        x, _ = edm_heun_sample(teacher, latents.to(device), None if labels is None else labels.to(device),
-                               steps, sigma_min, sigma_max)
-        return x.cpu()
+        labels, ids = world.eval_labels(start, n, rng, device)
+        x, _ = edm_heun_sample(teacher, latents.to(device), labels, steps, sigma_min, sigma_max)
+        return world.finish_samples(x, ids).cpu(), ids
     return run
 
 
@@ -183,15 +213,20 @@ def evaluate_teacher(world: World, name: str, tcfg: TeacherConfig, teacher_path:
     device = eval_device()
     teacher, _ = load_denoiser(teacher_path, world)
     teacher.eval().to(device)
-    sampler = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max, device)
+    sampler = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max, device,
+                               tcfg.guidance_scale)
     rng = torch.Generator().manual_seed(seed)
     acc = FeatureAccumulator(FeatureSpace(world, feature_path, device))
+    cond = ConditionalMetrics(world)
     for i in tqdm(range(0, num_samples, batch_size), desc=f"teacher {name}", unit="batch", disable=not progress):
-        acc.add(sampler(min(batch_size, num_samples - i), rng))
-    nfe = heun_nfe(tcfg.sampler_steps)
+        x, ids = sampler(min(batch_size, num_samples - i), rng, i)
+        acc.add(x)
+        cond.add(x, ids)
+    nfe = heun_nfe(tcfg.sampler_steps) * (2 if tcfg.guidance_scale != 1.0 else 1)  # a guided call: 2 passes
     rec = {"teacher": name, "world": world.name, "method": "teacher", "K": None, "nfe": nfe,
-           **_quality(world, acc, ref),
-           "samples_per_s": samples_per_second(lambda n: sampler(n), batch_size=256, n_batches=3, warmup=1)}
+           "guidance_scale": tcfg.guidance_scale, **_quality(world, acc, ref), **cond.means(),
+           "samples_per_s": samples_per_second(lambda n: sampler(n)[0], batch_size=world.speed_batch,
+                                               n_batches=3, warmup=1)}
     write_json(rec, out)
     return rec
 
@@ -201,11 +236,15 @@ def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: Te
                         out: Path) -> dict[str, Any]:
     device = eval_device()
     acc = FeatureAccumulator(FeatureSpace(world, feature_path, device))
+    cond = ConditionalMetrics(world)
     with np.load(samples) as f:
         x = f["x"]  # float32 [-1, 1], or uint8 for ImageNet (EDM's saved-image quantisation)
+        ids = torch.from_numpy(f["labels"]) if "labels" in f.files else None
     for start in range(0, len(x), EVAL_BATCH):
         chunk = x[start:start + EVAL_BATCH]
-        acc.add(torch.from_numpy(chunk) if chunk.dtype == np.uint8 else torch.from_numpy(chunk).float())
+        chunk = torch.from_numpy(chunk) if chunk.dtype == np.uint8 else torch.from_numpy(chunk).float()
+        acc.add(chunk)
+        cond.add(chunk, None if ids is None else ids[start:start + EVAL_BATCH])
     del x
     summary = json.loads((distill_dir / "summary.json").read_text())
     gen = load_generator(distill_dir / "generator.pt", world, "ema").eval()
@@ -213,16 +252,18 @@ def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: Te
     teacher.eval().to(device)
     gen.to(device)
     # Student and teacher speed in one process on one device, same batch size.
-    student_fn = lambda n: generate(gen, world.data_shape, n, 0, world.label_dim, batch_size=n, device=device)[0]  # noqa: E731
-    teacher_fn = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max, device)
-    s_sps = samples_per_second(student_fn, batch_size=256, n_batches=10, warmup=2)
-    t_sps = samples_per_second(teacher_fn, batch_size=256, n_batches=3, warmup=1)
-    nfe_t = heun_nfe(tcfg.sampler_steps)
+    # The generator's pass only (for a latent world: before decoding, as the teacher's speed below is too).
+    student_fn = lambda n: generate(gen, world.data_shape, n, 0, world.eval_labels, batch_size=n, device=device)[0]  # noqa: E731
+    teacher_fn = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max, device,
+                                  tcfg.guidance_scale)
+    s_sps = samples_per_second(student_fn, batch_size=world.speed_batch, n_batches=10, warmup=2)
+    t_sps = samples_per_second(lambda n: teacher_fn(n)[0], batch_size=world.speed_batch, n_batches=3, warmup=1)
+    nfe_t = heun_nfe(tcfg.sampler_steps) * (2 if tcfg.guidance_scale != 1.0 else 1)
     d = exp.distill
     rec = {"experiment": name, "world": world.name, "method": exp.method_name, "K": d.K, "nfe": 1,
            "space": d.space, "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial,
            "init": exp.student.init, "gamma_eps": d.gamma_eps, "gamma_z": d.gamma_z, "iterations": d.iterations,
-           **_quality(world, acc, ref),
+           "guidance_scale": d.guidance_scale, **_quality(world, acc, ref), **cond.means(),
            # convergence_auc: the run's time-averaged quality over training (mct.convergence), when it was evaluated
            **convergence_summary(read_convergence(distill_dir / CONVERGENCE_FILE), world.convergence_metric),
            "samples_per_s": s_sps, "teacher_samples_per_s": t_sps, "teacher_nfe": nfe_t,

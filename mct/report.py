@@ -64,7 +64,8 @@ PAPER_ITERATIONS = 100_000  # the paper's distillation budgets are at least this
 UP, DOWN = "\u2191", "\u2193"
 METRIC_NAMES = {"precision": f"precision {UP}", "recall": f"recall {UP}", "modes_covered": f"modes covered {UP}",
                 "mode_tv": f"mode TV {DOWN}", "mode_precision": f"mode precision {UP}", "nll": f"NLL (nats) {DOWN}",
-                "samples_per_s": f"samples/s {UP}", "sec_per_iter": f"sec/iter {DOWN}"}
+                "samples_per_s": f"samples/s {UP}", "sec_per_iter": f"sec/iter {DOWN}",
+                "clip_score": f"CLIP score {UP}"}
 METRIC_DEFINITIONS = (
     "FD (2-D): Frechet distance between Gaussians fitted to the 2-D points themselves (toy2d). "
     "FD (digits classifier): the same distance in the penultimate features of a classifier trained on the digits "
@@ -73,7 +74,9 @@ METRIC_DEFINITIONS = (
     "Modes covered: mixture components that receive at least 10% of their expected share of samples within 3 "
     "standard deviations; mode TV: total variation between those samples' mode frequencies and the true weights; "
     "mode precision: fraction of samples within 3 standard deviations of some mode; NLL: -mean log p(x) of the "
-    "samples under the true mixture, in nats (toy2d). Arrows: the direction of better.")
+    "samples under the true mixture, in nats (toy2d). CLIP score (text2image): mean cosine between open_clip "
+    "embeddings of each image and of 'A photo depicts ' + its caption, as DMD reports it. "
+    "Arrows: the direction of better.")
 
 
 def metric_name(key: str, world_def: World | None) -> str:
@@ -184,7 +187,7 @@ def metrics_record(entry: Entry, world_def: World) -> dict[str, Any]:
     settings from params.yaml. Further keys that the evaluator wrote are passed through unchanged.
     """
     keys = EXPERIMENT_KEYS if entry.kind == "experiment" else TEACHER_KEYS
-    keys = keys + tuple(world_def.exact_metric_keys)
+    keys = keys + tuple(world_def.exact_metric_keys) + tuple(world_def.conditional_metric_keys)
     if entry.kind == "experiment":
         known = {k: v for k, v in entry.setting.items() if k in keys}
         known.update(experiment=entry.name, world=entry.world, nfe=1)
@@ -232,6 +235,8 @@ def _metric_cells(entry: Entry | None, toy: bool, world_def: World | None = None
     statistics)."""
     get = (lambda k: NOT_RUN) if entry is None else entry.get
     cells = {metric_name(k, world_def): get(k) for k in ("fid", "precision", "recall")}
+    for k in world_def.conditional_metric_keys if world_def is not None else ():  # text2image: CLIP score
+        cells[metric_name(k, world_def)] = get(k)
     if toy:
         covered, total = get("modes_covered"), get("modes_total")
         cells[metric_name("modes_covered", world_def)] = f"{covered}/{total}" \
@@ -433,6 +438,44 @@ def paper_tables(params: Params, worlds: Sequence[str], world_tables: dict[str, 
                   pd.DataFrame(other, dtype=object),
                   "Numbers read from the paper named in 'source' (DMD: Yin et al. 2024; sCM: Lu & Song 2024), "
                   "for context; they are not the EMD paper's comparison rows. " + legend)]
+
+
+T2I_DATASET = "COCO-2014 30k, SD v1.5"
+T2I_NOT_RUN = ("not run: the paper's protocol needs Stable Diffusion v1.5's weights, COCO-2014 and a multi-GPU "
+               "cluster (DMD trained on 72 GPUs); suite t2i_sd15 plans it")
+
+
+def text_to_image_table(params: Params, worlds: Sequence[str], world_tables: dict[str, dict[str, Any]]) -> Table:
+    """The paper's zero-shot COCO-2014 rows beside ours (FID and CLIP score), then each text2image world of the suite
+    that does not follow the paper's protocol (the tiny test world), labelled as such."""
+    from mct.worlds.registry import make_world
+
+    paper = pd.read_csv(PAPER_NUMBERS, dtype=str, keep_default_na=False)
+    paper_world = _paper_world(params, worlds, T2I_DATASET)
+    rows = []
+    for r in paper[paper.dataset == T2I_DATASET].itertuples(index=False):
+        if not _ours_method(r.method):
+            ours: Any = "-"  # a method this project does not implement (DMD)
+        else:
+            ours = T2I_NOT_RUN if paper_world is None else _ours(r.method, world_tables[paper_world])
+        rows.append({"world": paper_world or "-", "method": r.method, "NFE": r.nfe or None,
+                     f"FID {DOWN} (reported)": r.fid, f"FID {DOWN} (ours)": ours, f"CLIP score {UP} (ours)": "-",
+                     "source": r.source})
+    for w in worlds:
+        world = make_world(w, params.worlds[w])
+        if "clip_score" not in world.conditional_metric_keys or w == paper_world:
+            continue
+        for e in world_tables[w]["entries"]:
+            method = "teacher" if e.kind == "teacher" else e.setting.get("method", "")
+            rows.append({"world": w, "method": f"{method} ({e.name}; not the paper's protocol)",
+                         "NFE": e.get("nfe") if e.record else None, f"FID {DOWN} (reported)": "-",
+                         f"FID {DOWN} (ours)": e.get("fid") if e.record else NOT_RUN,
+                         f"CLIP score {UP} (ours)": e.get("clip_score") if e.record else NOT_RUN, "source": "-"})
+    return Table("text_to_image", "Text-to-image: zero-shot COCO-2014 30k (the paper's rows) and our text2image "
+                 "worlds", pd.DataFrame(rows, dtype=object),
+                 "FID: clean-fid Inception ('clean' mode) of 256-px centre crops (Lanczos) of the generations against "
+                 "the same crops of the captions' val2014 images. Rows of a world that is not the paper's protocol "
+                 "(fewer prompts, a tiny random-weight model) test the pipeline, not the method.")
 
 
 def _paper_world(params: Params, worlds: Sequence[str], dataset: str) -> str | None:
@@ -1158,6 +1201,7 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     page.h(2, "Paper-scale results")
     for t in paper_tables(params, worlds, per_world):
         page.table(t)
+    page.table(text_to_image_table(params, worlds, per_world))
 
     for b in page.blocks:
         if b[0] == "table":

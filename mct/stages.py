@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mct import paths
-from mct.config import DistillConfig, Params
+from mct.config import DistillConfig, Params, check_nodes
 
 PACKAGE = Path(__file__).resolve().parent  # the mct package these stages run
 LOGS = paths.RUNS / "logs"
@@ -39,14 +39,46 @@ LOGS = paths.RUNS / "logs"
 # --- how a command is launched -------------------------------------------------------------------------------
 
 
-def launcher(distill: DistillConfig) -> str:
+MAIN_PORT = 29500  # accelerate's default; a multi-node job adds SLURM_JOB_ID % 1000 (two jobs on one main node)
+
+
+def launcher(distill: DistillConfig, multinode: bool = False, module: str = "mct.cli") -> str:
     """How `mct distill` starts: `accelerate launch` for GPUs or several processes, the console script for one
-    CPU process. The one place both engines take the launch command from."""
+    CPU process, and for distill.nodes > 1 one `accelerate launch` per node through srun (:func:`node_launcher`).
+    The one place both engines take the launch command from; the rest of the command line follows it.
+
+    ``multinode`` forces the per-node form for nodes == 1 too (the tests run it on a one-node cluster); ``module``
+    is what accelerate runs with -m (a test passes its own probe)."""
+    problem = check_nodes(distill)
+    if problem:
+        raise ValueError(f"distill.{problem}")
+    if multinode or distill.nodes > 1:
+        return node_launcher(distill, module)
     if distill.num_processes > 1:  # --multi_gpu: N processes (torchrun) on GPU and CPU hosts; without it, CPU gets 1
-        return f"accelerate launch --multi_gpu --num_processes {distill.num_processes} -m mct.cli"
+        return f"accelerate launch --multi_gpu --num_processes {distill.num_processes} -m {module}"
     if distill.gpus > 0:
-        return "accelerate launch --num_processes 1 -m mct.cli"
-    return "mct"
+        return f"accelerate launch --num_processes 1 -m {module}"
+    return "mct" if module == "mct.cli" else f"python -m {module}"
+
+
+def node_command(distill: DistillConfig, module: str = "mct.cli") -> str:
+    """What each node runs (bash, inside the Slurm step, the job's arguments as "$@"): one accelerate launcher
+    starting num_processes / nodes processes, machine rank = the node's index in the allocation ($SLURM_NODEID),
+    the main process (rank 0) on the allocation's first host, on a port fixed per job."""
+    return (f"accelerate launch --multi_gpu --num_machines {distill.nodes} --machine_rank $SLURM_NODEID"
+            ' --main_process_ip "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+            f" --main_process_port $(({MAIN_PORT} + SLURM_JOB_ID % 1000))"
+            f' --num_processes {distill.num_processes} -m {module} "$@"')
+
+
+def node_launcher(distill: DistillConfig, module: str = "mct.cli") -> str:
+    """`srun` inside the job's allocation of distill.nodes nodes: one task per node, each running
+    :func:`node_command` under `bash -c '...' mct`, so the arguments after it reach every node as "$@". Single
+    quotes keep the $ expansions from the engine's shell (DVC's or Snakemake's) until each node's bash; nothing in
+    it is a DVC ${...} interpolation. --kill-on-bad-exit: a node that fails stops the others."""
+    inner = node_command(distill, module)
+    assert "'" not in inner, inner
+    return f"srun --nodes {distill.nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 bash -c '{inner}' mct"
 
 
 # --- resources ---------------------------------------------------------------------------------------------------
@@ -54,12 +86,14 @@ def launcher(distill: DistillConfig) -> str:
 
 @dataclass(frozen=True)
 class Resources:
-    """What a scheduler reserves for one job (Snakemake `threads`/`resources`, the Slurm profile's sbatch flags)."""
+    """What a scheduler reserves for one job (Snakemake `threads`/`resources`, the Slurm profile's sbatch flags).
+    threads, mem_mb and gpu are per node; a job on nodes > 1 gets them on each node (:func:`snakemake_resources`)."""
 
     threads: int = 1
     mem_mb: int = 4000
     runtime: int = 60  # minutes
     gpu: int = 0
+    nodes: int = 1
 
 
 CPUS_PER_GPU = 4  # data-free distillation: CPUs only launch kernels and write checkpoints
@@ -86,9 +120,32 @@ def eval_resources(params: Params, world: str, gpu: int | None = None, threads: 
 
 
 def distill_resources(d: DistillConfig) -> Resources:
+    """Per node (distill.gpus is per node, num_processes the total over d.nodes nodes)."""
     if d.gpus:
-        return Resources(CPUS_PER_GPU * d.gpus, HOST_MEM_MB_PER_GPU * d.gpus, 24 * 60, d.gpus)
-    return Resources(max(2, d.num_processes), 16000, 24 * 60, 0)
+        return Resources(CPUS_PER_GPU * d.gpus, HOST_MEM_MB_PER_GPU * d.gpus, 24 * 60, d.gpus, d.nodes)
+    return Resources(max(2, d.num_processes // d.nodes), 16000, 24 * 60, 0, d.nodes)
+
+
+# The rule's `resources:` names (workflow/rules/stages.smk); a None value is left unset (Snakemake drops it).
+SNAKEMAKE_RESOURCES = ("mem_mb", "runtime", "gpu", "nodes", "tasks", "tasks_per_gpu", "gres", "mpi")
+
+
+def snakemake_resources(r: Resources) -> dict[str, int | str | None]:
+    """Snakemake resources of a job, as snakemake-executor-plugin-slurm 2.x turns them into sbatch flags (threads
+    become --cpus-per-task through the profile's `cpus_per_task: threads`). One node: mem_mb, runtime, gpu
+    (--gpus), nothing else. Several nodes: --nodes=N --ntasks=N (one launcher per node, `tasks`), per node
+    --cpus-per-task, --mem and --gres=gpu:G (`gpu` would be --gpus, a count over the whole job; tasks_per_gpu 0
+    keeps the plugin from turning `tasks` into --ntasks-per-gpu), and `mpi`, which makes the plugin run the job's
+    shell in the batch step instead of under `srun -n1`, so the launcher's own srun spans all nodes."""
+    out: dict[str, int | str | None] = dict.fromkeys(SNAKEMAKE_RESOURCES)
+    out.update(mem_mb=r.mem_mb, runtime=r.runtime)
+    if r.nodes == 1:
+        out["gpu"] = r.gpu
+        return out
+    out.update(nodes=r.nodes, tasks=r.nodes, mpi="srun")
+    if r.gpu:
+        out.update(gres=f"gpu:{r.gpu}", tasks_per_gpu=0)
+    return out
 
 
 # --- the table -----------------------------------------------------------------------------------------------
@@ -132,6 +189,16 @@ def _data(p: Params, world: str) -> str:
 
 def _fnet(p: Params, world: str) -> list[str]:
     return [str(paths.feature_net(world))] if has_feature_net(p, world) else []
+
+
+def _world_data(p: Params, world: str) -> dict[str, list[str]]:
+    """The world's data file, for worlds whose distillation, sampling and evaluation read it (text2image's
+    prompts); other worlds' jobs after `teacher` read none."""
+    return {"data": [_data(p, world)]} if _world(p, world).training_reads_data else {}
+
+
+def _run_data(p: Params, run: tuple[str, int | None]) -> dict[str, list[str]]:
+    return _world_data(p, p.experiment(run[0]).world)
 
 
 def _run_sections(p: Params, run: tuple[str, int | None]) -> list[str]:
@@ -194,7 +261,8 @@ STAGES: tuple[Stage, ...] = (
           names=lambda p, s: p.suite_teachers(s),
           args=lambda p, t: f"--teacher {t}",
           inputs=lambda p, t: {"teacher": [str(paths.teacher_file(t))], "features": _fnet(p, _teacher_world(p, t)),
-                               "ref": [str(paths.reference_stats(_teacher_world(p, t)))]},
+                               "ref": [str(paths.reference_stats(_teacher_world(p, t)))],
+                               **_world_data(p, _teacher_world(p, t))},
           outputs=lambda p, t: {"metrics": str(paths.teacher_metrics(t))},
           params=lambda p, t: [f"teachers.{t}", f"worlds.{_teacher_world(p, t)}"],
           settings=lambda p, t: (p.teacher(t), p.worlds[_teacher_world(p, t)]),
@@ -214,7 +282,7 @@ STAGES: tuple[Stage, ...] = (
           names=lambda p, s: p.suite_runs(s),
           args=lambda p, r: f"{_run_args(r)} --work {paths.work_dir(_rn(r))}",
           inputs=lambda p, r: {"teacher": [str(paths.teacher_file(p.experiment(r[0]).teacher))],
-                               "student": [str(paths.student_init(_rn(r)))]},
+                               "student": [str(paths.student_init(_rn(r)))], **_run_data(p, r)},
           outputs=lambda p, r: {"distill": str(paths.distill_dir(_rn(r)))},
           params=_run_sections,
           settings=lambda p, r: (_run_cfg(p, r), p.worlds[p.experiment(r[0]).world]),
@@ -224,7 +292,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("sample", "sample", "run",
           names=lambda p, s: p.suite_runs(s),
           args=lambda p, r: _run_args(r),
-          inputs=lambda p, r: {"distill": [str(paths.distill_dir(_rn(r)))]},
+          inputs=lambda p, r: {"distill": [str(paths.distill_dir(_rn(r)))], **_run_data(p, r)},
           outputs=lambda p, r: {"samples": str(paths.samples_file(_rn(r)))},
           params=_run_sections,
           settings=lambda p, r: (_run_cfg(p, r), p.worlds[p.experiment(r[0]).world]),
@@ -237,7 +305,7 @@ STAGES: tuple[Stage, ...] = (
                                "distill": [str(paths.distill_dir(_rn(r)))],
                                "teacher": [str(paths.teacher_file(p.experiment(r[0]).teacher))],
                                "features": _fnet(p, p.experiment(r[0]).world),
-                               "ref": [str(paths.reference_stats(p.experiment(r[0]).world))]},
+                               "ref": [str(paths.reference_stats(p.experiment(r[0]).world))], **_run_data(p, r)},
           outputs=lambda p, r: {"metrics": str(paths.experiment_metrics(_rn(r)))},
           params=lambda p, r: _run_sections(p, r) + [f"teachers.{p.experiment(r[0]).teacher}"],
           settings=lambda p, r: (_run_cfg(p, r), p.worlds[p.experiment(r[0]).world],

@@ -7,6 +7,7 @@ Evaluation and the ``sample`` stage use this module without importing :mod:`mct.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,8 @@ from mct.images import quantize
 from mct.io import load_torch, save_torch
 from mct.nets.weights import check_reinitialised, reinitialise
 from mct.teacher import load_denoiser
+from mct.worlds.base import one_hot_labels
 from mct.worlds.registry import World
-
-
-def one_hot_labels(n: int, label_dim: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor | None:
-    """Uniform class labels drawn from ``rng`` (deterministic given its state), one-hot; None if unconditional."""
-    if label_dim == 0:
-        return None
-    idx = torch.randint(0, label_dim, (n,), generator=rng, device=device)
-    return torch.nn.functional.one_hot(idx, label_dim).float()
-
 
 # --- build, initialise, load ---------------------------------------------------------------------------------
 
@@ -74,13 +67,34 @@ def load_generator(path: Path, world: World, key: str = "generator") -> Generato
 # --- sampling -------------------------------------------------------------------------------------------------
 
 
+LabelSource = Callable[[int, int, torch.Generator, "torch.device | str"], tuple[Tensor | None, Tensor | None]]
+
+
+def class_labels(label_dim: int) -> LabelSource:
+    """The label source of a class-conditional (or, label_dim 0, unconditional) world: uniform classes, drawn from
+    the batch's generator after its z. The same as :meth:`mct.worlds.base.World.eval_labels` by default."""
+    def draw(start: int, n: int, rng: torch.Generator, device: torch.device | str
+             ) -> tuple[Tensor | None, Tensor | None]:
+        labels = one_hot_labels(n, label_dim, rng, device)
+        return labels, (None if labels is None else labels.argmax(1))
+    return draw
+
+
 @torch.no_grad()
-def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_dim: int, batch_size: int = 1000,
-             device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1), uint8: bool = False
+def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, labels: int | LabelSource,
+             batch_size: int = 1000, device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1),
+             uint8: bool = False, finish: Callable[[Tensor, Tensor | None], Tensor] | None = None
              ) -> tuple[Tensor, Tensor | None]:
-    """n one-step samples. Batch j draws its z and labels from a generator seeded with (seed, j), so the set is the
-    same whatever the number of processes: ``shard=(rank, world)`` makes the batches j = rank mod world.
-    ``uint8`` quantises each image batch as EDM saves images (:func:`mct.images.quantize`): a quarter of the memory."""
+    """n one-step samples. Batch j draws its z and then its labels from a generator seeded with (seed, j), so the set
+    is the same whatever the number of processes: ``shard=(rank, world)`` makes the batches j = rank mod world.
+
+    ``labels``: a class count (uniform one-hot classes; 0: unconditional) or a label source such as a world's
+    ``eval_labels``: (start, n, rng, device) -> (conditioning, ids stored with the samples). ``finish`` maps each
+    batch to the stored samples (a world's ``finish_samples``: quantise, decode latents); ``uint8`` alone
+    quantises each image batch as EDM saves images (:func:`mct.images.quantize`): a quarter of the memory."""
+    source = class_labels(labels) if isinstance(labels, int) else labels
+    if finish is None:
+        finish = (lambda x, ids: quantize(x)) if uint8 else (lambda x, ids: x)
     rank, world_size = shard
     gen = gen.to(device).eval()
     xs, ys = [], []
@@ -90,13 +104,12 @@ def generate(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_di
         rng = torch.Generator(device=device).manual_seed(seed * 1_000_003 + j)
         m = min(batch_size, n - start)
         z = torch.randn((m, *shape), generator=rng, device=device)
-        labels = one_hot_labels(m, label_dim, rng, device)
-        x = gen(z, labels)
-        xs.append(quantize(x).cpu() if uint8 else x.cpu())
-        if labels is not None:
-            ys.append(labels.argmax(1).cpu())
+        cond, ids = source(start, m, rng, device)
+        xs.append(finish(gen(z, cond), ids).cpu())
+        if ids is not None:
+            ys.append(ids.cpu())
     if not xs:
-        empty_y = torch.empty(0, dtype=torch.long) if label_dim else None
+        empty_y = torch.empty(0, dtype=torch.long) if not isinstance(labels, int) or labels else None
         return torch.empty((0, *shape), dtype=torch.uint8 if uint8 else torch.float32), empty_y
     return torch.cat(xs), (torch.cat(ys) if ys else None)
 
@@ -116,17 +129,19 @@ def interleave_shards(shards: list[tuple[Tensor, Tensor | None]], n: int, batch_
     return torch.cat(xs), (torch.cat(ys) if ys else None)
 
 
-def generate_all(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, label_dim: int, batch_size: int = 1000,
-                 device: torch.device | str = "cpu", uint8: bool = False) -> tuple[Tensor, Tensor | None]:
+def generate_all(gen: nn.Module, shape: tuple[int, ...], n: int, seed: int, labels: int | LabelSource,
+                 batch_size: int = 1000, device: torch.device | str = "cpu", uint8: bool = False,
+                 finish: Callable[[Tensor, Tensor | None], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`generate`'s n samples, drawn by every process of an initialised ``torch.distributed`` group (a share
     each) and all-gathered, so each process returns the set one process would draw; without a group, one process
     draws them all."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return generate(gen, shape, n, seed, label_dim, batch_size, device, uint8=uint8)
+        return generate(gen, shape, n, seed, labels, batch_size, device, uint8=uint8, finish=finish)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    mine = generate(gen, shape, n, seed, label_dim, batch_size, device, shard=(rank, world_size), uint8=uint8)
+    mine = generate(gen, shape, n, seed, labels, batch_size, device, shard=(rank, world_size), uint8=uint8,
+                    finish=finish)
     shards: list[Any] = [None] * world_size
     dist.all_gather_object(shards, mine)
     return interleave_shards(shards, n, batch_size)

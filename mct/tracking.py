@@ -181,7 +181,7 @@ class Tracking:
         from mct.student import generate
 
         t0 = time.perf_counter()
-        x, _ = generate(ema, self.world.data_shape, self.d.eval_samples, EVAL_SEED, self.world.label_dim,
+        x, _ = generate(ema, self.world.data_shape, self.d.eval_samples, EVAL_SEED, self.world.eval_labels,
                         batch_size=self.d.eval_samples, device=self.acc.device)
         point = {"iteration": done, "train_seconds": self.seconds, **self.metric(x.float())}
         point["eval_seconds"] = time.perf_counter() - t0

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mct.config import ExperimentConfig
+from mct.diffusion import GuidedDenoiser
 from mct.ema import ema_update
 from mct.emd import ChainExplosionError, antithetic_start, langevin_estep, mstep_loss, score_dsm_loss
 from mct.io import atomic_dir, load_torch, save_torch, write_json
 from mct.resume import load_latest, non_finite, save_state, state_path
-from mct.student import build_generator, one_hot_labels
+from mct.student import build_generator
 from mct.teacher import load_denoiser
 from mct.tracking import Tracking, accelerator_kwargs
 from mct.worlds.registry import World
@@ -69,12 +70,14 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     teacher, _ = load_denoiser(teacher_path, world)
     teacher = teacher.to(device).eval().requires_grad_(False)
     estep_teacher = world.analytic_denoiser().to(device) if d.estep_teacher == "analytic" else teacher
+    if d.guidance_scale != 1.0:  # classifier-free guidance of the teacher's score, where the E-step reads it
+        estep_teacher = GuidedDenoiser(estep_teacher, lambda n: world.null_labels(n, device), d.guidance_scale)
     st = load_torch(student_path)
     spec = st["spec"]
     arch_kwargs = dict(spec["arch_kwargs"])
     if d.grad_checkpoint:
-        if spec["arch"] not in ("edm", "adm"):
-            raise ValueError(f"distill.grad_checkpoint: supported for EDM and ADM networks, not {spec['arch']!r}")
+        if spec["arch"] not in ("edm", "adm", "sd_unet"):
+            raise ValueError(f"distill.grad_checkpoint: supported for EDM, ADM and SD networks, not {spec['arch']!r}")
         arch_kwargs["use_checkpoint"] = True  # recompute block activations in backward: memory for compute
     gen = build_generator(world, spec, st["sigma_init"], st["generator"], arch_kwargs)
     score = world.build_network(spec["arch"], arch_kwargs)
@@ -102,6 +105,10 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         start, log_lines, last_good = loaded.step, list(ck["log"]), loaded.path
     gen_p, score_p, opt_g, opt_s = acc.prepare(gen, score, opt_g, opt_s)
     gen_raw, score_raw = acc.unwrap_model(gen_p), acc.unwrap_model(score_p)
+    # The score network models the student's conditional samples; guided in the E-step only when asked (its
+    # unconditional branch is the teacher's, fine-tuned on conditional samples only).
+    estep_score = (GuidedDenoiser(score_raw, lambda n: world.null_labels(n, device), d.guidance_scale)
+                   if d.guide_score_net and d.guidance_scale != 1.0 else score_raw)
 
     log_path = work_dir / "log.jsonl"  # a live mirror of the log; the state holds the lines it covers
     if acc.is_main_process:
@@ -125,7 +132,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                 loss_s = torch.zeros((), device=device)
                 for _ in range(accum):
                     z = torch.randn((micro, *shape), generator=rng, device=device)
-                    labels = one_hot_labels(micro, world.label_dim, rng, device)
+                    labels = world.draw_labels(micro, rng, device)
                     sigma = dsm_sigma.sample(micro, rng, device)
                     noise = torch.randn((micro, *shape), generator=rng, device=device)
                     with acc.autocast():
@@ -143,13 +150,13 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
                 te = time.perf_counter()
                 z0 = torch.randn((micro, *shape), generator=rng, device=device)
                 eps0 = torch.randn((micro, *shape), generator=rng, device=device)
-                labels = one_hot_labels(micro, world.label_dim, rng, device)
+                labels = world.draw_labels(micro, rng, device)
                 sigma = m_sigma.sample(micro, rng, device)
                 if langevin.antithetic:
                     z0, eps0, sigma, labels = antithetic_start(z0, eps0, sigma, labels)
                 try:
                     with acc.autocast():  # bf16/fp16 network passes when asked; the chain state stays fp32
-                        res = langevin_estep(gen_raw, estep_teacher, score_raw, z0, eps0, sigma, labels, langevin,
+                        res = langevin_estep(gen_raw, estep_teacher, estep_score, z0, eps0, sigma, labels, langevin,
                                              rng)
                 except ChainExplosionError as e:
                     raise DivergenceError(

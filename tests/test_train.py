@@ -52,8 +52,8 @@ def test_distill_writes_outputs_and_log(tiny_raw, toy_teacher, tmp_path):
         assert all(isinstance(r[key], float) for r in log), key
     assert summary["K"] == 4 and summary["sec_per_iter"] > 0
     gen = load_generator(tmp_path / "out" / "generator.pt", world, "ema")
-    x1, _ = generate(gen, (2,), 100, seed=3, label_dim=0)
-    x2, _ = generate(gen, (2,), 100, seed=3, label_dim=0)
+    x1, _ = generate(gen, (2,), 100, seed=3, labels=0)
+    x2, _ = generate(gen, (2,), 100, seed=3, labels=0)
     assert torch.equal(x1, x2) and torch.isfinite(x1).all()
 
 
@@ -110,13 +110,13 @@ def test_sharded_sampling_gives_the_same_set(tiny_raw, toy_teacher, tmp_path):
     """Each batch has its own seed, so two 'processes' together draw exactly the single-process set."""
     world, _ = _setup(tiny_raw, "tiny_emd", toy_teacher, tmp_path)
     gen = load_generator(tmp_path / "student.pt", world)
-    full, _ = generate(gen, (2,), 1000, seed=5, label_dim=0, batch_size=100)
-    parts = [generate(gen, (2,), 1000, seed=5, label_dim=0, batch_size=100, shard=(r, 2))[0] for r in range(2)]
+    full, _ = generate(gen, (2,), 1000, seed=5, labels=0, batch_size=100)
+    parts = [generate(gen, (2,), 1000, seed=5, labels=0, batch_size=100, shard=(r, 2))[0] for r in range(2)]
     # rank r holds batches r, r + 2, ...: interleave them back.
     chunks = [parts[j % 2][(j // 2) * 100:(j // 2 + 1) * 100] for j in range(10)]
     assert torch.equal(torch.cat(chunks), full)
     # uint8 (how ImageNet samples are stored): EDM's quantisation of the very same samples, batch by batch.
-    quantised, _ = generate(gen, (2,), 1000, seed=5, label_dim=0, batch_size=100, uint8=True)
+    quantised, _ = generate(gen, (2,), 1000, seed=5, labels=0, batch_size=100, uint8=True)
     assert quantised.dtype == torch.uint8
     assert torch.equal(quantised, torch.clamp(full * 127.5 + 128, 0, 255).to(torch.uint8))
 

@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
     from torch import Tensor, nn
 
-    from mct.config import WorldConfig
+    from mct.config import TeacherConfig, WorldConfig
     from mct.diffusion import EDMPrecond
 
 
@@ -65,10 +67,15 @@ class World(ABC):
     takes_published_checkpoints: ClassVar[bool] = False  # fetched EDM/ADM teachers (arch edm, adm) fit this world
     has_analytic_denoiser: ClassVar[bool] = False  # distill.estep_teacher: analytic is possible
     exact_metric_keys: ClassVar[tuple[str, ...]] = ()  # keys of exact_metrics(); the report's extra columns
+    conditional_metric_keys: ClassVar[tuple[str, ...]] = ()  # keys of conditional_metrics() (e.g. clip_score)
     convergence_metric: ClassVar[str | None] = None  # the training_metric() key convergence_auc integrates
     convergence_panels: ClassVar[tuple[str, ...]] = ()  # training_metric() keys the report plots over training
     sample_figure: ClassVar[str] = "grid"  # the report's sample figure: 'points' (a scatter) or 'grid' (images)
     eval_needs: ClassVar[EvalNeeds] = EvalNeeds()
+    # distillation, sampling and evaluation read the prepared data file (text2image: the prompts); other worlds'
+    # distillation is data-free, and their evaluation reads only the reference statistics
+    training_reads_data: ClassVar[bool] = False
+    speed_batch: ClassVar[int] = 256  # samples per timed batch of the student/teacher speed measurement
 
     def __init__(self, name: str, cfg: WorldConfig) -> None:
         self.name, self.cfg = name, cfg
@@ -100,6 +107,47 @@ class World(ABC):
     def label_dim(self) -> int:
         """Classes of the class-conditional world (one-hot labels of this length); 0: unconditional."""
         return 0
+
+    # --- conditioning: what the networks are given beside x and sigma ---------------------------------------
+
+    def draw_labels(self, n: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor | None:
+        """Conditioning of n training samples (score network and E-step), drawn from ``rng``: uniform one-hot classes
+        (None: unconditional). A world whose conditions are not classes (text2image: prompt embeddings) overrides
+        this and :meth:`eval_labels`."""
+        return one_hot_labels(n, self.label_dim, rng, device)
+
+    def eval_labels(self, start: int, n: int, rng: torch.Generator, device: torch.device | str = "cpu"
+                    ) -> tuple[Tensor | None, Tensor | None]:
+        """(conditioning, integer ids stored with the samples) of evaluation samples ``start .. start + n - 1``:
+        random classes by default; a world evaluated on a fixed prompt list gives its prompts in order."""
+        labels = self.draw_labels(n, rng, device)
+        return labels, (None if labels is None else labels.argmax(1))
+
+    def null_labels(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """The unconditional input of classifier-free guidance (mct.diffusion.GuidedDenoiser), for worlds whose
+        networks were trained with one."""
+        raise ValueError(f"world {self.name!r} ({self.kind}) has no unconditional input: classifier-free guidance "
+                         "(distill.guidance_scale, teachers.<name>.guidance_scale) must stay 1")
+
+    # --- samples as evaluated ---------------------------------------------------------------------------------
+
+    def finish_samples(self, x: Tensor, ids: Tensor | None) -> Tensor:
+        """Generator outputs -> the samples `mct sample` stores and evaluation measures: as they are, or quantised
+        to uint8 as EDM saves images (``samples_uint8``); a latent world decodes them here."""
+        if self.samples_uint8:
+            from mct.images import quantize
+
+            return quantize(x)
+        return x
+
+    def conditional_metrics(self, images: Tensor, ids: Tensor | None) -> dict[str, np.ndarray]:
+        """Per-sample metrics of samples against their conditions (keys ``conditional_metric_keys``; text2image:
+        CLIP score against the prompt); the evaluator reports their means."""
+        return {}
+
+    def import_teacher(self, tcfg: TeacherConfig, out: Path) -> dict[str, Any]:
+        """A teacher of kind 'local': imported from the world's own model folder into an mct denoiser file."""
+        raise ValueError(f"world {self.name!r} ({self.kind}) has no local teacher; teacher kinds: train, fetch")
 
     @property
     @abstractmethod
@@ -153,3 +201,12 @@ class World(ABC):
         """The dataset name under which the paper's tables (mct/data/paper_numbers.csv) report this world, if any."""
         return None
 
+
+def one_hot_labels(n: int, label_dim: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor | None:
+    """Uniform class labels drawn from ``rng`` (deterministic given its state), one-hot; None if unconditional."""
+    if label_dim == 0:
+        return None
+    import torch
+
+    idx = torch.randint(0, label_dim, (n,), generator=rng, device=device)
+    return torch.nn.functional.one_hot(idx, label_dim).float()

@@ -17,6 +17,7 @@ from mct.config import WorldConfig
 from mct.worlds.base import World
 from mct.worlds.digits import Digits
 from mct.worlds.imagenet import ImageNet
+from mct.worlds.text2image import Text2Image
 from mct.worlds.toy2d import Toy2D
 
 WORLDS: dict[str, type[World]] = {}
@@ -55,5 +56,6 @@ def make_world(name: str, cfg: WorldConfig) -> World:
 register("toy2d")(Toy2D)
 register("digits")(Digits)
 register("imagenet")(ImageNet)
+register("text2image")(Text2Image)
 
 __all__ = ["WORLDS", "World", "make_world", "register", "unregister", "world_class"]
