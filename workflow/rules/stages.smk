@@ -20,6 +20,13 @@ def _outputs(stage, patterns):
     return out
 
 
+def _resources(stage):
+    """mem_mb, runtime, gpu and, for a job on several nodes, the Slurm plugin's nodes/tasks/gres/mpi
+    (stages.snakemake_resources; a key a job leaves unset is None, which Snakemake drops)."""
+    job = job_of(stage)
+    return {k: (lambda wc, k=k: stages.snakemake_resources(job(wc).resources)[k]) for k in stages.SNAKEMAKE_RESOURCES}
+
+
 def _log(stage):
     return str(stages.log_file(stage.name, "{" + stage.over + "}" if stage.over else None, SUITE))
 
@@ -43,8 +50,6 @@ for _stage in stages.STAGES:
             retries: _stage.retries
             threads: lambda wc, job=job_of(_stage): job(wc).resources.threads
             resources:
-                mem_mb=lambda wc, job=job_of(_stage): job(wc).resources.mem_mb,
-                runtime=lambda wc, job=job_of(_stage): job(wc).resources.runtime,
-                gpu=lambda wc, job=job_of(_stage): job(wc).resources.gpu,
+                **_resources(_stage),
             shell:
                 "{params.cmd} >> {log} 2>&1" if _stage.append_log else "{params.cmd} > {log} 2>&1"
