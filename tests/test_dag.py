@@ -239,7 +239,7 @@ def test_code_deps_follow_the_import_graph():
     assert "mct/report.py" in deps["report"] and not any("mct/report.py" in v for k, v in deps.items() if k != "report")
     assert "mct/aggregate.py" in deps["report"]  # imported by report.py
     assert "mct/train.py" in deps["distill"] and "mct/train.py" not in deps["prepare"]
-    assert "mct/metrics/fid.py" in deps["evaluate"] and "mct/metrics/fid.py" not in deps["prepare"]
+    assert "mct/evaluate.py" in deps["evaluate"] and "mct/evaluate.py" not in deps["prepare"]
     # a deep module reaches every stage whose command imports it, and only those
     users = {s for s, files in deps.items() if "mct/diffusion.py" in files}
     assert users == set(deps)

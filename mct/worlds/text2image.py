@@ -69,10 +69,12 @@ class Text2Image(World):
     def check_config(cls, cfg: WorldConfig, key: str) -> str | None:
         for field in ("source", "captions", "annotations", "images"):
             if not getattr(cfg, field):
-                return (f"{field}: the text2image world needs it (source: the local Stable Diffusion folder; captions: "
-                        "training prompts; annotations: COCO's captions_val2014.json; images: the val2014 folder)")
+                return (f"{key}.{field}: the text2image world needs it (source: the local Stable Diffusion folder; "
+                        "captions: training prompts; annotations: COCO's captions_val2014.json; images: the val2014 "
+                        "folder)")
         if cfg.resolution % (VAE_FACTOR * 8):
-            return f"resolution: must be a multiple of {VAE_FACTOR * 8} (SD's VAE and UNet), got {cfg.resolution}"
+            return (f"{key}.resolution: must be a multiple of {VAE_FACTOR * 8} (SD's VAE and UNet), "
+                    f"got {cfg.resolution}")
         return None
 
     @property
