@@ -22,6 +22,7 @@ from mct.nets.sd import SDFolderError, check_sd_folder
 from mct.worlds.registry import make_world
 from tests.t2i_fixture import EVAL_PROMPTS, EVAL_RESOLUTION, make_t2i_inputs, t2i_params
 from tests.test_dag import (
+    REPO,
     assert_same_dag,
     dry_run,
     dvc,
@@ -42,7 +43,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
 
 
 def _world(inputs: dict[str, str], **over):
-    raw = t2i_params(inputs)
+    raw = t2i_params(inputs, check_sd_folder(inputs["source"]))
     raw["worlds"][WORLD].update(over)
     return make_world(WORLD, parse_params(raw).worlds[WORLD])
 
@@ -99,6 +100,30 @@ def test_prepare_refuses_a_pickle_and_a_wrong_pin_before_writing(inputs, tmp_pat
     with pytest.raises(SDFolderError, match=r"diffusion_pytorch_model\.bin"):
         _world(inputs, source=str(folder), sha256_files=pins).prepare(out)
     assert not out.exists()
+
+
+def test_prepare_asks_for_pins_and_lists_the_hashes(inputs, tmp_path):
+    """An unpinned model folder is never used: the error names the key and gives the hashes to paste."""
+    pins = check_sd_folder(inputs["source"])
+    with pytest.raises(ValueError, match=r"worlds\.t2i_tiny\.sha256_files: pin") as err:
+        _world(inputs, sha256_files={}).prepare(tmp_path / "out.json")
+    assert all(f"{path}: {digest}" in str(err.value) for path, digest in pins.items())
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_paper_scale_text2image_suite_plans_in_both_engines_and_on_slurm(tmp_path):
+    """t2i_sd15 (SD v1.5, COCO-2014 30k) plans the same DAG in both engines without any of its inputs present, its
+    distillation launches on 4 nodes x 8 GPUs, and the Slurm profile plans it too."""
+    root = scratch_copy(tmp_path / "repo")
+    set_params(root, lambda raw: raw.update(suite="t2i_sd15"))
+    smk = parse_dry_run(dry_run(root))
+    assert_same_dag(smk, dvc_stages(root))
+    distill = smk[("distill", "t2i_sd15_emd")].command
+    assert distill.startswith("srun --nodes 4 --ntasks-per-node 1") and "--num_machines 4" in distill
+    assert "--num_processes 32" in distill
+    profile = REPO / "workflow" / "profiles" / "slurm"
+    text = dry_run(root, "--profile", str(profile))
+    assert "rule distill" in text and "t2i_sd15_emd" in text
 
 
 def _engine_copy(root: Path, inputs: dict[str, str]) -> Path:

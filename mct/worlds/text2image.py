@@ -100,6 +100,10 @@ class Text2Image(World):
         from mct.nets.sd import check_sd_folder
 
         hashes = check_sd_folder(self.cfg.source, self.cfg.sha256_files or None)
+        if not self.cfg.sha256_files:  # like a fetched teacher's sha256: nothing unpinned is used
+            found = "".join(f"\n      {path}: {digest}" for path, digest in sorted(hashes.items()))
+            raise ValueError(f"worlds.{self.name}.sha256_files: pin the model folder's weight files before use; "
+                             f"after checking them, set:\n    sha256_files:{found}")
         self._check_vae()
         train = read_captions(self.cfg.captions)
         pairs = coco_eval_pairs(self.cfg.annotations, self.cfg.eval_prompts, EVAL_PAIRS_SEED)
