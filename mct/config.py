@@ -303,6 +303,8 @@ class DistillConfig(LangevinConfig):
     # unconditional input, World.null_labels); the score network is guided only when guide_score_net is set.
     guidance_scale: float = field(default=1.0, metadata=_check(_positive))
     guide_score_net: bool = False
+    # The frozen teacher's weights in bf16 (half its memory; it needs no fp32 master copy); needs bf16 autocast.
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     # Tracking (mct.tracking): accelerate's tracker for the training metrics, every `log_every` iterations; the EMA
     # generator's quality on `eval_samples` samples every `eval_every` iterations (0: off).
     log_with: Literal["dvclive", "tensorboard", "wandb", "none"] = "dvclive"

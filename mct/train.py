@@ -69,6 +69,12 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
 
     teacher, _ = load_denoiser(teacher_path, world)
     teacher = teacher.to(device).eval().requires_grad_(False)
+    if d.teacher_dtype == "bfloat16":
+        if d.mixed_precision != "bf16":
+            raise ValueError("distill.teacher_dtype: bfloat16 needs distill.mixed_precision: bf16 (autocast runs the "
+                             "teacher's layers in bf16)")
+        for p in teacher.parameters():  # parameters only: schedules and other buffers keep their precision
+            p.data = p.data.to(torch.bfloat16)
     estep_teacher = world.analytic_denoiser().to(device) if d.estep_teacher == "analytic" else teacher
     if d.guidance_scale != 1.0:  # classifier-free guidance of the teacher's score, where the E-step reads it
         estep_teacher = GuidedDenoiser(estep_teacher, lambda n: world.null_labels(n, device), d.guidance_scale)
