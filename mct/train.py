@@ -10,9 +10,9 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from accelerate import Accelerator
@@ -20,10 +20,10 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mct.config import ExperimentConfig
+from mct.config import DistillConfig, ExperimentConfig, LangevinConfig
 from mct.diffusion import GuidedDenoiser
 from mct.ema import ema_update
-from mct.emd import ChainExplosionError, antithetic_start, langevin_estep, mstep_loss, score_dsm_loss
+from mct.emd import ChainExplosionError, EStepResult, antithetic_start, langevin_estep, mstep_loss, score_dsm_loss
 from mct.io import atomic_dir, load_torch, save_torch, write_json
 from mct.resume import load_latest, non_finite, save_state, state_path
 from mct.student import build_generator
@@ -39,16 +39,6 @@ class DivergenceError(RuntimeError):
 # --- the loop ----------------------------------------------------------------------------------------------
 
 
-def _grad_norm(acc: Accelerator, params, max_norm: float) -> float:
-    limit = max_norm if max_norm > 0 else math.inf
-    return float(acc.clip_grad_norm_(params, limit))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_path: Path, out_dir: Path,
             work_dir: Path, progress: bool = True, stop_after: int | None = None,
             accelerator: Accelerator | None = None) -> dict[str, Any]:
@@ -57,16 +47,129 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     ``stop_after`` ends the process-local run after that many total iterations without writing the final outputs,
     as a kill would (used to test resume).
     """
+    run = _start_run(world, exp, teacher_path, student_path, work_dir, accelerator)
+    d = run.d
+    log_file = _open_log(run)
+    track = Tracking(run.acc, world, exp, work_dir, run.log_lines)  # trackers (the resumed log replayed), convergence
+    bar = tqdm(range(run.start, d.iterations), initial=run.start, total=d.iterations,
+               desc=f"distill {exp.method_name} K={d.K}", disable=not (progress and run.acc.is_main_process),
+               mininterval=1.0)
+    t_run = time.perf_counter()
+    try:
+        for it in bar:
+            t0 = time.perf_counter()
+            score = _score_phase(run)
+            t1 = _clock(run.device)
+            gen = _generator_phase(run, it, score.loss)
+            t3 = _clock(run.device)
+            rec = _record(it, score, gen, t0, t1, t3)
+            rec.update(track.step(it + 1, run.ema, rec))  # a convergence point when due (its own RNG), tracker line
+            _append_log(run, log_file, rec)
+            done = it + 1
+            if done % d.checkpoint_every == 0 or done == d.iterations:
+                log_file.flush()
+                run.last_good = _checkpoint(run.acc, work_dir, run.last_good, _resume_state(run, done))
+            if stop_after is not None and done >= stop_after:
+                return {"stopped_at": done}
+    finally:
+        log_file.close()
+        track.close()
+        bar.close()
+    return _finish(run, out_dir, track, seconds=time.perf_counter() - t_run)
+
+
+# --- building the run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One distillation run's state: what the phases read and update, and what a checkpoint holds.
+
+    ``gen_p``/``score_p`` are accelerate's wrapped networks (their backward syncs gradients over processes);
+    ``gen_raw``/``score_raw`` the same parameters unwrapped, for the E-step, the EMA and the checkpoint."""
+
+    world: World
+    exp: ExperimentConfig
+    acc: Accelerator
+    work_dir: Path
+    fingerprint: str
+    student: dict[str, Any]  # the student-init file: its spec and sigma_init go into generator.pt
+    gen_p: nn.Module
+    score_p: nn.Module
+    gen_raw: nn.Module
+    score_raw: nn.Module
+    ema: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_s: torch.optim.Optimizer
+    rng: torch.Generator  # every random number of the loop; per process, checkpointed
+    estep_teacher: nn.Module
+    estep_score: nn.Module
+    langevin: LangevinConfig
+    dsm_sigma: Any
+    m_sigma: Any
+    start: int  # iterations already done (resumed)
+    log_lines: list[str]  # one JSON line per iteration done; the main process's are the run's log
+    last_good: Path | None  # the newest checkpoint written, named when the run diverges
+
+    @property
+    def d(self) -> DistillConfig:
+        return self.exp.distill
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    @property
+    def micro(self) -> int:
+        """Gradient accumulation: ``grad_accum`` micro-batches of this size make one optimiser step."""
+        return self.d.batch_size // self.d.grad_accum
+
+    @property
+    def log_path(self) -> Path:
+        """A live mirror of the log; the resume state holds the lines it covers."""
+        return self.work_dir / "log.jsonl"
+
+
+def _start_run(world: World, exp: ExperimentConfig, teacher_path: Path, student_path: Path, work_dir: Path,
+               accelerator: Accelerator | None) -> Run:
+    """Teacher, student networks, EMA, optimisers and RNG, resumed from this run's newest state if there is one."""
     d = exp.distill
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=d.mixed_precision,
-                                     **accelerator_kwargs(d, work_dir))  # trackers: mct.tracking
+    acc = accelerator or _accelerator(d, work_dir)
     if acc.num_processes != d.num_processes:  # e.g. a launcher that started one process where N were asked for
         raise RuntimeError(f"distill.num_processes is {d.num_processes} but {acc.num_processes} process(es) started; "
                            "refusing to run with another global batch (launch with `accelerate launch --multi_gpu "
                            f"--num_processes {d.num_processes} -m mct.cli distill ...`)")
     device = acc.device
     work_dir.mkdir(parents=True, exist_ok=True)
+    estep_teacher = _estep_teacher(world, d, teacher_path, device)
+    student = load_torch(student_path)
+    gen, score = _student_networks(world, d, student, device)
+    ema = copy.deepcopy(gen).requires_grad_(False)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=d.lr_g, betas=d.betas_g)
+    opt_s = torch.optim.Adam(score.parameters(), lr=d.lr_s, betas=d.betas_s)
+    rng = torch.Generator(device=device).manual_seed(d.seed * 1_000_003 + acc.process_index)
+    fingerprint = run_fingerprint(exp, teacher_path, student_path)
+    start, log_lines, last_good = _resume(acc, work_dir, fingerprint, gen, score, ema, opt_g, opt_s, rng)
+    gen_p, score_p, opt_g, opt_s = acc.prepare(gen, score, opt_g, opt_s)
+    gen_raw, score_raw = acc.unwrap_model(gen_p), acc.unwrap_model(score_p)
+    # The score network models the student's conditional samples; guided in the E-step only when asked (its
+    # unconditional branch is the teacher's, fine-tuned on conditional samples only).
+    estep_score = (GuidedDenoiser(score_raw, lambda n: world.null_labels(n, device), d.guidance_scale)
+                   if d.guide_score_net and d.guidance_scale != 1.0 else score_raw)
+    return Run(world, exp, acc, work_dir, fingerprint, student, gen_p, score_p, gen_raw, score_raw, ema, opt_g,
+               opt_s, rng, estep_teacher, estep_score, d.langevin(), d.dsm_sigma.build(), d.mstep_sigma.build(),
+               start, log_lines, last_good)
 
+
+def _accelerator(d: DistillConfig, work_dir: Path) -> Accelerator:
+    """accelerate's state for this process: CPU where no GPU is, the run's precision, its trackers (mct.tracking)."""
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=d.mixed_precision,
+                       **accelerator_kwargs(d, work_dir))
+
+
+def _estep_teacher(world: World, d: DistillConfig, teacher_path: Path, device: torch.device) -> nn.Module:
+    """The frozen denoiser whose score the E-step reads: the teacher (its parameters in bf16 when asked) or the
+    world's analytic one, under classifier-free guidance when ``guidance_scale`` is not 1."""
     teacher, _ = load_denoiser(teacher_path, world)
     teacher = teacher.to(device).eval().requires_grad_(False)
     if d.teacher_dtype == "bfloat16":
@@ -78,156 +181,206 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
     estep_teacher = world.analytic_denoiser().to(device) if d.estep_teacher == "analytic" else teacher
     if d.guidance_scale != 1.0:  # classifier-free guidance of the teacher's score, where the E-step reads it
         estep_teacher = GuidedDenoiser(estep_teacher, lambda n: world.null_labels(n, device), d.guidance_scale)
-    st = load_torch(student_path)
-    spec = st["spec"]
+    return estep_teacher
+
+
+def _student_networks(world: World, d: DistillConfig, student: dict[str, Any],
+                      device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The generator g(z) and the score network of the student-init file, on ``device`` in eval mode.
+
+    Dropout off (eval mode) in both: the E-step's posterior and the M-step's VJP assume one deterministic map g(z),
+    and the Langevin drift one deterministic score. EDM's ImageNet U-Net records dropout 0.1."""
+    spec = student["spec"]
     arch_kwargs = dict(spec["arch_kwargs"])
     if d.grad_checkpoint:
         if spec["arch"] not in ("edm", "adm", "sd_unet"):
             raise ValueError(f"distill.grad_checkpoint: supported for EDM, ADM and SD networks, not {spec['arch']!r}")
         arch_kwargs["use_checkpoint"] = True  # recompute block activations in backward: memory for compute
-    gen = build_generator(world, spec, st["sigma_init"], st["generator"], arch_kwargs)
+    gen = build_generator(world, spec, student["sigma_init"], student["generator"], arch_kwargs)
     score = world.build_network(spec["arch"], arch_kwargs)
-    score.load_state_dict(st["score"])
-    # Dropout off (eval mode) in both: the E-step's posterior and the M-step's VJP assume one deterministic map
-    # g(z), and the Langevin drift one deterministic score. EDM's ImageNet U-Net records dropout 0.1.
-    gen, score = gen.to(device).eval(), score.to(device).eval()
-    ema = copy.deepcopy(gen).requires_grad_(False)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=d.lr_g, betas=d.betas_g)
-    opt_s = torch.optim.Adam(score.parameters(), lr=d.lr_s, betas=d.betas_s)
-    rng = torch.Generator(device=device).manual_seed(d.seed * 1_000_003 + acc.process_index)
+    score.load_state_dict(student["score"])
+    return gen.to(device).eval(), score.to(device).eval()
 
-    fingerprint = run_fingerprint(exp, teacher_path, student_path)
-    # The newest verified state of this run (mct.resume: corrupt ones are set aside, another run's discarded).
+
+def _resume(acc: Accelerator, work_dir: Path, fingerprint: str, gen: nn.Module, score: nn.Module, ema: nn.Module,
+            opt_g: torch.optim.Optimizer, opt_s: torch.optim.Optimizer,
+            rng: torch.Generator) -> tuple[int, list[str], Path | None]:
+    """Load this run's newest verified state into the (not yet prepared) models, optimisers and RNG; return the step,
+    the log lines and the state's path, or a fresh start. mct.resume sets corrupt states aside and discards
+    another run's."""
     loaded = load_latest(work_dir, fingerprint, acc.num_processes, acc.is_main_process, acc.wait_for_everyone)
-    start, log_lines, last_good = 0, [], None
-    if loaded is not None:
-        ck = loaded.state
-        gen.load_state_dict(ck["generator"])
-        score.load_state_dict(ck["score"])
-        ema.load_state_dict(ck["ema"])
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_s.load_state_dict(ck["opt_s"])
-        rng.set_state(ck["rng"][acc.process_index])
-        start, log_lines, last_good = loaded.step, list(ck["log"]), loaded.path
-    gen_p, score_p, opt_g, opt_s = acc.prepare(gen, score, opt_g, opt_s)
-    gen_raw, score_raw = acc.unwrap_model(gen_p), acc.unwrap_model(score_p)
-    # The score network models the student's conditional samples; guided in the E-step only when asked (its
-    # unconditional branch is the teacher's, fine-tuned on conditional samples only).
-    estep_score = (GuidedDenoiser(score_raw, lambda n: world.null_labels(n, device), d.guidance_scale)
-                   if d.guide_score_net and d.guidance_scale != 1.0 else score_raw)
+    if loaded is None:
+        return 0, [], None
+    ck = loaded.state
+    gen.load_state_dict(ck["generator"])
+    score.load_state_dict(ck["score"])
+    ema.load_state_dict(ck["ema"])
+    opt_g.load_state_dict(ck["opt_g"])
+    opt_s.load_state_dict(ck["opt_s"])
+    rng.set_state(ck["rng"][acc.process_index])
+    return loaded.step, list(ck["log"]), loaded.path
 
-    log_path = work_dir / "log.jsonl"  # a live mirror of the log; the state holds the lines it covers
-    if acc.is_main_process:
-        log_path.write_text("".join(log_lines))
-    log_file = open(log_path, "a")  # noqa: SIM115 - kept open for the whole loop
-    track = Tracking(acc, world, exp, work_dir, log_lines)  # trackers (the resumed log replayed), convergence
 
-    langevin = d.langevin()
-    dsm_sigma, m_sigma = d.dsm_sigma.build(), d.mstep_sigma.build()
-    shape = world.data_shape
-    accum = d.grad_accum
-    micro = d.batch_size // accum  # gradient accumulation: `accum` micro-batches make one optimiser step
-    bar = tqdm(range(start, d.iterations), initial=start, total=d.iterations, desc=f"distill {exp.method_name} K={d.K}",
-               disable=not (progress and acc.is_main_process), mininterval=1.0)
-    t_run = time.perf_counter()
-    try:
-        for it in bar:
-            t0 = time.perf_counter()
-            for _ in range(d.score_steps):
-                opt_s.zero_grad(set_to_none=True)
-                loss_s = torch.zeros((), device=device)
-                for _ in range(accum):
-                    z = torch.randn((micro, *shape), generator=rng, device=device)
-                    labels = world.draw_labels(micro, rng, device)
-                    sigma = dsm_sigma.sample(micro, rng, device)
-                    noise = torch.randn((micro, *shape), generator=rng, device=device)
-                    with acc.autocast():
-                        part = score_dsm_loss(score_p, gen_raw, z, sigma, labels, noise, world.sigma_data) / accum
-                    acc.backward(part)
-                    loss_s += part.detach()
-                gn_s = _grad_norm(acc, score_p.parameters(), d.grad_clip)
-                opt_s.step()
-            _sync(device)
-            t1 = time.perf_counter()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g = torch.zeros((), device=device)
-            t_estep = 0.0
-            for _ in range(accum):
-                te = time.perf_counter()
-                z0 = torch.randn((micro, *shape), generator=rng, device=device)
-                eps0 = torch.randn((micro, *shape), generator=rng, device=device)
-                labels = world.draw_labels(micro, rng, device)
-                sigma = m_sigma.sample(micro, rng, device)
-                if langevin.antithetic:
-                    z0, eps0, sigma, labels = antithetic_start(z0, eps0, sigma, labels)
-                try:
-                    with acc.autocast():  # bf16/fp16 network passes when asked; the chain state stays fp32
-                        res = langevin_estep(gen_raw, estep_teacher, estep_score, z0, eps0, sigma, labels, langevin,
-                                             rng)
-                except ChainExplosionError as e:
-                    raise DivergenceError(
-                        f"distillation diverged at iteration {it}: {e} {_last_good(last_good)}") from e
-                _sync(device)
-                t_estep += time.perf_counter() - te
-                with acc.autocast():
-                    part = mstep_loss(gen_p, res.z, res.eps_tilde, sigma, labels, d.mstep_weight) / accum
-                acc.backward(part)
-                loss_g += part.detach()
-            gn_g = _grad_norm(acc, gen_p.parameters(), d.grad_clip)
-            if not (math.isfinite(loss_g.item()) and math.isfinite(loss_s.item()) and math.isfinite(gn_g)):
-                raise DivergenceError(
-                    f"distillation diverged at iteration {it}: loss_g={loss_g.item()}, loss_s={loss_s.item()}, "
-                    f"grad_norm_g={gn_g}; {_last_good(last_good)}")
-            opt_g.step()
-            ema_update(ema, gen_raw, d.ema_decay)
-            _sync(device)
-            t3 = time.perf_counter()
-            t2 = t1 + t_estep  # the M-step's share is the rest of the generator phase
-            rec = {"iteration": it, "loss_score": loss_s.item(), "loss_gen": loss_g.item(),
-                   "grad_norm_gen": gn_g, "grad_norm_score": gn_s,
-                   "eps_tilde_norm": float(res.eps_tilde.flatten(1).norm(dim=1).mean()),
-                   "z_shift": float((res.z - z0).flatten(1).norm(dim=1).mean()),
-                   **res.health(),
-                   "t_score": t1 - t0, "t_estep": t2 - t1, "t_mstep": t3 - t2}
-            rec.update(track.step(it + 1, ema, rec))  # a convergence point when due (its own RNG), tracker line
-            if acc.is_main_process:
-                log_lines.append(json.dumps(rec) + "\n")
-                log_file.write(log_lines[-1])
-            done = it + 1
-            if done % d.checkpoint_every == 0 or done == d.iterations:
-                log_file.flush()
-                last_good = _checkpoint(acc, work_dir, last_good, {
-                    "step": done, "fingerprint": fingerprint, "world_size": acc.num_processes,
-                    "rng": gather_object([rng.get_state()]), "log": list(log_lines),
-                    "generator": gen_raw.state_dict(), "score": score_raw.state_dict(), "ema": ema.state_dict(),
-                    "opt_g": opt_g.state_dict(), "opt_s": opt_s.state_dict()})
-            if stop_after is not None and done >= stop_after:
-                return {"stopped_at": done}
-    finally:
-        log_file.close()
-        track.close()
-        bar.close()
+# --- one iteration -----------------------------------------------------------------------------------------
 
-    seconds = time.perf_counter() - t_run
-    records = [json.loads(line) for line in log_lines] if acc.is_main_process else _read_log(log_path)
+
+@dataclass
+class ScoreStep:
+    """The last DSM step's loss and (pre-clip) gradient norm."""
+
+    loss: Tensor
+    grad_norm: float
+
+
+def _score_phase(run: Run) -> ScoreStep:
+    """``score_steps`` denoising-score-matching steps of the score network on fresh generator samples g(z), so it
+    tracks the student's current distribution before the E-step reads its score."""
+    acc, rng, device = run.acc, run.rng, run.device
+    shape, accum, micro = run.world.data_shape, run.d.grad_accum, run.micro
+    for _ in range(run.d.score_steps):
+        run.opt_s.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=device)
+        for _ in range(accum):
+            z = torch.randn((micro, *shape), generator=rng, device=device)
+            labels = run.world.draw_labels(micro, rng, device)
+            sigma = run.dsm_sigma.sample(micro, rng, device)
+            noise = torch.randn((micro, *shape), generator=rng, device=device)
+            with acc.autocast():
+                part = score_dsm_loss(run.score_p, run.gen_raw, z, sigma, labels, noise, run.world.sigma_data) / accum
+            acc.backward(part)
+            loss += part.detach()
+        grad_norm = _grad_norm(acc, run.score_p.parameters(), run.d.grad_clip)
+        run.opt_s.step()
+    return ScoreStep(loss, grad_norm)
+
+
+@dataclass
+class GeneratorStep:
+    """The M-step's loss and (pre-clip) gradient norm, the last micro-batch's chain (start ``z0``, result ``chain``)
+    and the seconds spent in E-steps."""
+
+    loss: Tensor
+    grad_norm: float
+    z0: Tensor
+    chain: EStepResult
+    t_estep: float
+
+
+def _generator_phase(run: Run, it: int, loss_s: Tensor) -> GeneratorStep:
+    """One EM step of the generator: per micro-batch, the E-step's Langevin chain from (z0, eps0) to posterior
+    samples (z, eps~), then the M-step's regression of g(z) onto them; one optimiser step and the EMA update.
+
+    A chain that explodes, or a non-finite loss or gradient norm, stops the run (DivergenceError) before the step."""
+    acc, rng, device, d = run.acc, run.rng, run.device, run.d
+    shape, accum, micro = run.world.data_shape, d.grad_accum, run.micro
+    run.opt_g.zero_grad(set_to_none=True)
+    loss = torch.zeros((), device=device)
+    t_estep = 0.0
+    for _ in range(accum):
+        te = time.perf_counter()
+        z0 = torch.randn((micro, *shape), generator=rng, device=device)
+        eps0 = torch.randn((micro, *shape), generator=rng, device=device)
+        labels = run.world.draw_labels(micro, rng, device)
+        sigma = run.m_sigma.sample(micro, rng, device)
+        if run.langevin.antithetic:
+            z0, eps0, sigma, labels = antithetic_start(z0, eps0, sigma, labels)
+        try:
+            with acc.autocast():  # bf16/fp16 network passes when asked; the chain state stays fp32
+                res = langevin_estep(run.gen_raw, run.estep_teacher, run.estep_score, z0, eps0, sigma, labels,
+                                     run.langevin, rng)
+        except ChainExplosionError as e:
+            raise DivergenceError(f"distillation diverged at iteration {it}: {e} {_last_good(run.last_good)}") from e
+        _sync(device)
+        t_estep += time.perf_counter() - te
+        with acc.autocast():
+            part = mstep_loss(run.gen_p, res.z, res.eps_tilde, sigma, labels, d.mstep_weight) / accum
+        acc.backward(part)
+        loss += part.detach()
+    grad_norm = _grad_norm(acc, run.gen_p.parameters(), d.grad_clip)
+    if not (math.isfinite(loss.item()) and math.isfinite(loss_s.item()) and math.isfinite(grad_norm)):
+        raise DivergenceError(
+            f"distillation diverged at iteration {it}: loss_g={loss.item()}, loss_s={loss_s.item()}, "
+            f"grad_norm_g={grad_norm}; {_last_good(run.last_good)}")
+    run.opt_g.step()
+    ema_update(run.ema, run.gen_raw, d.ema_decay)
+    return GeneratorStep(loss, grad_norm, z0, res, t_estep)
+
+
+def _record(it: int, score: ScoreStep, gen: GeneratorStep, t0: float, t1: float, t3: float) -> dict[str, Any]:
+    """One iteration's log line: losses, gradient norms, the last chain's size and health, and phase times
+    (score phase t0..t1, E-steps t1..t2, the rest of the generator phase t2..t3)."""
+    t2 = t1 + gen.t_estep
+    return {"iteration": it, "loss_score": score.loss.item(), "loss_gen": gen.loss.item(),
+            "grad_norm_gen": gen.grad_norm, "grad_norm_score": score.grad_norm,
+            "eps_tilde_norm": float(gen.chain.eps_tilde.flatten(1).norm(dim=1).mean()),
+            "z_shift": float((gen.chain.z - gen.z0).flatten(1).norm(dim=1).mean()),
+            **gen.chain.health(),
+            "t_score": t1 - t0, "t_estep": t2 - t1, "t_mstep": t3 - t2}
+
+
+# --- the log, checkpoints and the final outputs ------------------------------------------------------------
+
+
+def _open_log(run: Run) -> TextIO:
+    """The live log, rewritten to the resumed lines (dropping any past the state) and opened for appending."""
+    if run.acc.is_main_process:
+        run.log_path.write_text("".join(run.log_lines))
+    return open(run.log_path, "a")  # noqa: SIM115 - kept open for the whole loop
+
+
+def _append_log(run: Run, log_file: TextIO, rec: dict[str, Any]) -> None:
+    if run.acc.is_main_process:
+        run.log_lines.append(json.dumps(rec) + "\n")
+        log_file.write(run.log_lines[-1])
+
+
+def _resume_state(run: Run, step: int) -> dict[str, Any]:
+    """What a restart needs to continue bitwise: models, EMA, optimisers, every process's RNG state and the log."""
+    return {"step": step, "fingerprint": run.fingerprint, "world_size": run.acc.num_processes,
+            "rng": gather_object([run.rng.get_state()]), "log": list(run.log_lines),
+            "generator": run.gen_raw.state_dict(), "score": run.score_raw.state_dict(), "ema": run.ema.state_dict(),
+            "opt_g": run.opt_g.state_dict(), "opt_s": run.opt_s.state_dict()}
+
+
+def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[str, Any]:
+    """The summary; the main process writes generator.pt, log.jsonl, summary.json and the trackers' files into
+    ``out_dir`` together, or not at all."""
+    acc, d = run.acc, run.d
+    records = [json.loads(line) for line in run.log_lines] if acc.is_main_process else _read_log(run.log_path)
     summary = {
-        "experiment_method": exp.method_name, "iterations": d.iterations, "K": d.K, "space": d.space,
+        "experiment_method": run.exp.method_name, "iterations": d.iterations, "K": d.K, "space": d.space,
         "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial, "seconds_this_run": round(seconds, 2),
         "sec_per_iter": _mean_tail([r["t_score"] + r["t_estep"] + r["t_mstep"] for r in records]),
         "sec_per_iter_estep": _mean_tail([r["t_estep"] for r in records]),
         "final_loss_score": _mean_tail([r["loss_score"] for r in records]),
         "final_grad_norm_gen": _mean_tail([r["grad_norm_gen"] for r in records]),
-        "langevin": asdict(langevin),
+        "langevin": asdict(run.langevin),
     }
     if acc.is_main_process:
-        with atomic_dir(out_dir) as tmp:  # the outputs appear together, or not at all
-            save_torch({"format": "mct-generator-v1", "spec": spec, "sigma_init": st["sigma_init"],
-                        "ema": _denoiser_state(ema),
-                        "generator": _denoiser_state(gen_raw)}, tmp / "generator.pt")
-            (tmp / "log.jsonl").write_text("".join(log_lines))
+        with atomic_dir(out_dir) as tmp:
+            save_torch({"format": "mct-generator-v1", "spec": run.student["spec"],
+                        "sigma_init": run.student["sigma_init"], "ema": _denoiser_state(run.ema),
+                        "generator": _denoiser_state(run.gen_raw)}, tmp / "generator.pt")
+            (tmp / "log.jsonl").write_text("".join(run.log_lines))
             write_json(summary, tmp / "summary.json")
             track.finish(tmp, records)  # convergence.jsonl, dvclive/ (or the chosen tracker's files)
     return summary
+
+
+def _grad_norm(acc: Accelerator, params, max_norm: float) -> float:
+    limit = max_norm if max_norm > 0 else math.inf
+    return float(acc.clip_grad_norm_(params, limit))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter once the device's queued work is done (CUDA runs asynchronously)."""
+    _sync(device)
+    return time.perf_counter()
 
 
 def _last_good(path: Path | None) -> str:
