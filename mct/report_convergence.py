@@ -72,10 +72,10 @@ def fig_convergence(world: str, world_def: World, points: pd.DataFrame, compared
                     path: Path) -> None:
     """Rows: against iterations, against seconds; columns: the world's metrics (World.convergence_panels); one
     line (and band) per run."""
-    from mct.report import _figure, _save
+    from mct.report_figures import new_figure, save_figure
 
     metrics = [m for m in world_def.convergence_panels if m in points]
-    fig, axes = _figure(len(metrics), len(AXES), size=(3.8, 3.0))
+    fig, axes = new_figure(len(metrics), len(AXES), size=(3.8, 3.0))
     for row, (x, xlabel) in enumerate(AXES):
         for col, metric in enumerate(metrics):
             ax = axes[row * len(metrics) + col]
@@ -92,13 +92,13 @@ def fig_convergence(world: str, world_def: World, points: pd.DataFrame, compared
             ax.set_ylabel(LABELS.get(metric, metric))
             ax.legend(fontsize=7)
     fig.suptitle(f"{world}: quality during training (band: 95% t-interval across seeds)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], world_def: World) -> Any:
     """Per compared experiment: seeds, the convergence metric at the first and last point, convergence_auc."""
     from mct.convergence import convergence_summary
-    from mct.report import Table
+    from mct.report_tables import Table
 
     key = world_def.convergence_metric
     rows = []

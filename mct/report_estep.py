@@ -29,7 +29,7 @@ def add_estep_fidelity(page: Any, bench: Path, figures: Path) -> None:
     summary = bench / "summary.csv"
     if not summary.exists():
         return
-    from mct.report import Table
+    from mct.report_tables import Table
 
     s = _settings(bench)
     page.h(2, SECTION)
@@ -82,7 +82,7 @@ def add_toy2d_sweep(page: Any, bench: Path) -> None:
     summary = bench / "summary.csv"
     if not summary.exists():
         return
-    from mct.report import Table
+    from mct.report_tables import Table
 
     table = pd.read_csv(summary)
     page.h(2, SWEEP_SECTION)

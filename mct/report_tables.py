@@ -1,0 +1,403 @@
+"""The report's tables: ``Table`` (raw values for CSV, formatted cells for markdown, HTML and LaTeX), the
+metrics' display names, the ablations and the main, ablation, cost, experiments, paper and text-to-image tables,
+and the noise floor of the main table.
+
+Ablations follow the paper: each table holds the experiments of a world that differ from the world's
+reference EMD setting in that factor alone. The reference is, per setting key, the most common value among the
+world's EMD experiments in the suite (ties: the first in suite order); the page states it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mct.config import Params
+from mct.report_collect import NA, NOT_RUN, Entry, is_number
+from mct.worlds.base import World
+
+PAPER_NUMBERS = Path(__file__).parent / "data" / "paper_numbers.csv"
+PAPER_K = (1, 2, 4, 8, 16)  # Langevin steps of the paper's K sweep and cost table (EMD-1..16)
+
+# Setting keys of an experiment: the ablated factors, then controls that must match for runs to be comparable.
+FACTOR_KEYS = ("space", "cancel_noise", "cancel_initial", "K", "init", "gamma_eps", "gamma_z")
+CONTROL_KEYS = ("teacher", "iterations", "batch_size", "estep_teacher")
+SPACE_LABELS = {"eps_z": "(eps, z)", "x_z": "(x, z)", "eps": "eps", "x": "x"}
+PAPER_ITERATIONS = 100_000  # the paper's distillation budgets are at least this many iterations (ImageNet)
+
+
+# Display names of the metrics (metrics.json keys stay as they are): what each distance is, with the direction of
+# better. The Frechet distance is FID only in Inception's feature space.
+UP, DOWN = "\u2191", "\u2193"
+METRIC_NAMES = {"precision": f"precision {UP}", "recall": f"recall {UP}", "modes_covered": f"modes covered {UP}",
+                "mode_tv": f"mode TV {DOWN}", "mode_precision": f"mode precision {UP}", "nll": f"NLL (nats) {DOWN}",
+                "samples_per_s": f"samples/s {UP}", "sec_per_iter": f"sec/iter {DOWN}",
+                "clip_score": f"CLIP score {UP}"}
+METRIC_DEFINITIONS = (
+    "FD (2-D): Frechet distance between Gaussians fitted to the 2-D points themselves (toy2d). "
+    "FD (digits classifier): the same distance in the penultimate features of a classifier trained on the digits "
+    "training split (not Inception, so not comparable with any FID). FID: Inception features (clean-fid, "
+    "legacy_tensorflow), paper-scale worlds only. Precision and recall: k-NN manifolds (k = 3) in the same features. "
+    "Modes covered: mixture components that receive at least 10% of their expected share of samples within 3 "
+    "standard deviations; mode TV: total variation between those samples' mode frequencies and the true weights; "
+    "mode precision: fraction of samples within 3 standard deviations of some mode; NLL: -mean log p(x) of the "
+    "samples under the true mixture, in nats (toy2d). CLIP score (text2image): mean cosine between open_clip "
+    "embeddings of each image and of 'A photo depicts ' + its caption, as DMD reports it. "
+    "Arrows: the direction of better.")
+
+
+def metric_name(key: str, world_def: World | None) -> str:
+    """The column header of a metrics.json key in this world: its Frechet distance is named by its feature space
+    (World.fd_name)."""
+    if key == "fid":
+        return f"{world_def.fd_name if world_def is not None else 'FID'} {DOWN}"
+    return METRIC_NAMES.get(key, key)
+
+
+def plain_metric_name(name: str) -> str:
+    """A display name without its direction arrow (for running text)."""
+    return name.replace(f" {UP}", "").replace(f" {DOWN}", "")
+
+
+@dataclass
+class Table:
+    """A table of raw values (CSV) that renders, formatted, as markdown, HTML and LaTeX."""
+
+    name: str  # file stem under tables/
+    title: str
+    frame: pd.DataFrame
+    note: str = ""
+
+    def display(self) -> pd.DataFrame:
+        return self.frame.apply(lambda col: col.map(fmt)) if len(self.frame) else self.frame.astype(str)
+
+
+def fmt(v: Any) -> str:
+    """Cell text: 'not run' stays, null -> 'n/a', floats to 4 significant digits, booleans yes/no."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return NA
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+    return str(v)
+
+
+def _metric_cells(entry: Entry | None, toy: bool, world_def: World | None = None) -> dict[str, Any]:
+    """The quality columns of a row, headed by metric_name (``world_def``: the world; ``toy``: it has mode
+    statistics)."""
+    get = (lambda k: NOT_RUN) if entry is None else entry.get
+    cells = {metric_name(k, world_def): get(k) for k in ("fid", "precision", "recall")}
+    for k in world_def.conditional_metric_keys if world_def is not None else ():  # text2image: CLIP score
+        cells[metric_name(k, world_def)] = get(k)
+    if toy:
+        covered, total = get("modes_covered"), get("modes_total")
+        cells[metric_name("modes_covered", world_def)] = f"{covered}/{total}" \
+            if isinstance(covered, int) and isinstance(total, int) else covered
+        cells[metric_name("mode_tv", world_def)] = get("mode_tv")
+    return cells
+
+
+def reference_setting(entries: Sequence[Entry]) -> dict[str, Any] | None:
+    """Per setting key, the most common value among EMD experiments (ties: first seen); None without any."""
+    emd = [e.setting for e in entries if e.kind == "experiment" and e.setting["method"] == "emd"]
+    if not emd:
+        return None
+    ref = {}
+    for k in FACTOR_KEYS + CONTROL_KEYS:
+        counts = Counter(s[k] for s in emd)
+        best = max(counts.values())
+        ref[k] = next(s[k] for s in emd if counts[s[k]] == best)
+    return ref
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A factor of the paper's ablations: ``free`` keys vary, all other setting keys stay at the reference."""
+
+    name: str
+    title: str
+    column: str
+    free: tuple[str, ...]
+    levels: Callable[[dict[str, Any] | None, list[dict[str, Any]]], list[tuple[Any, dict[str, Any]]]]
+    note: str = ""
+
+
+def _observed(ref: dict[str, Any], settings: list[dict[str, Any]], free: tuple[str, ...]) -> list[tuple]:
+    """Values of the free keys among settings that match the reference everywhere else."""
+    keys = [k for k in FACTOR_KEYS + CONTROL_KEYS if k not in free]
+    return [tuple(s[k] for k in free) for s in settings if all(s[k] == ref[k] for k in keys)]
+
+
+def _k_levels(ref, settings):
+    ks = sorted(set(PAPER_K) | ({k for (k,) in _observed(ref, settings, ("K",))} if ref else set()))
+    return [(k, {"K": k}) for k in ks]
+
+
+def _step_levels(ref, settings):
+    if ref is None:
+        return []
+    pairs = {(ref["gamma_eps"], ref["gamma_z"])} | set(_observed(ref, settings, ("gamma_eps", "gamma_z")))
+    pairs = sorted(pairs)
+    return [(f"gamma_eps={ge:g}, gamma_z={gz:g}", {"gamma_eps": ge, "gamma_z": gz}) for ge, gz in pairs]
+
+
+ABLATIONS = (
+    Ablation("space", "Sampling space of the E-step", "sampling space", ("space",),
+             lambda ref, s: [(lab, {"space": sp}) for sp, lab in SPACE_LABELS.items()]),
+    Ablation("noise", "Noise cancellation", "cancellation", ("cancel_noise", "cancel_initial"),
+             lambda ref, s: [("none", {"cancel_noise": False}),
+                             ("injected only", {"cancel_noise": True, "cancel_initial": False}),
+                             ("injected + initial", {"cancel_noise": True, "cancel_initial": True})],
+             "grad norm: mean generator gradient norm over the last 10% of iterations (log.jsonl)."),
+    Ablation("K", "Number of Langevin steps K", "K", ("K",), _k_levels),
+    Ablation("init", "Generator initialisation", "initialisation", ("init",),
+             lambda ref, s: [("teacher", {"init": "teacher"}), ("scratch", {"init": "scratch"})]),
+    Ablation("step_size", "Langevin step sizes", "step sizes", ("gamma_eps", "gamma_z"), _step_levels),
+)
+
+
+def ablation_members(ab: Ablation, ref: dict[str, Any] | None,
+                     entries: Sequence[Entry]) -> list[tuple[Any, list[Entry]]]:
+    """(level, experiments at that level with every non-free key at the reference) for each level."""
+    exps = [e for e in entries if e.kind == "experiment"]
+    if ref is None:
+        return [(lab, []) for lab, _ in ab.levels(None, [])]
+    fixed = [k for k in FACTOR_KEYS + CONTROL_KEYS if k not in ab.free]
+    out = []
+    for label, values in ab.levels(ref, [e.setting for e in exps]):
+        members = [e for e in exps if all(e.setting[k] == ref[k] for k in fixed)
+                   and all(e.setting[k] == v for k, v in values.items())]
+        out.append((label, sorted(members, key=lambda e: e.name)))
+    return out
+
+
+def _tail_mean(log: pd.DataFrame | None, key: str) -> Any:
+    if log is None or key not in log:
+        return "no log"  # the run has metrics but its log.jsonl (or this column) is missing
+    v = log[key].to_numpy(dtype=float)
+    return float(v[-max(1, len(v) // 10):].mean())
+
+
+def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]], toy: bool,
+                   logs: dict[str, pd.DataFrame | None], world_def: World | None = None) -> Table:
+    rows = []
+    for label, group in members or [(NOT_RUN, [])]:
+        for e in group or [None]:
+            row = {ab.column: label, "experiment": NOT_RUN if e is None else e.name,
+                   **_metric_cells(e, toy, world_def)}
+            if ab.name == "noise":
+                row["grad norm"] = NOT_RUN if e is None else _tail_mean(logs.get(e.name), "grad_norm_gen")
+            rows.append(row)
+    return Table(f"{world}_{ab.name}", f"{world}: {ab.title}", pd.DataFrame(rows, dtype=object), ab.note)
+
+
+def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]],
+               toy: bool, world_def: World | None = None, floor: dict[str, Any] | None = None) -> Table:
+    """Teacher, Diff-Instruct and EMD-K rows; ``floor`` (noise_floor's record) adds the real-vs-real row."""
+    rows = []
+
+    def add(method: str, e: Entry | None, nfe: Any) -> None:
+        rows.append({"method": method, "experiment": NOT_RUN if e is None else e.name, "NFE": nfe,
+                     **_metric_cells(e, toy, world_def),
+                     metric_name("samples_per_s", world_def): NOT_RUN if e is None else e.get("samples_per_s")})
+
+    if floor is not None:
+        rec = Entry("-", "floor", world, {}, floor)
+        rows.append({"method": "Real data: training vs held-out split (noise floor)", "experiment": "-",
+                     "NFE": "-", **_metric_cells(rec, toy, world_def), metric_name("samples_per_s", world_def): "-"})
+
+    for t in (e for e in entries if e.kind == "teacher"):
+        nfe = t.get("nfe") if is_number(t.get("nfe")) else t.setting["nfe"]
+        add(f"Teacher ({nfe:g} NFE)", t, nfe)
+    dis = [e for e in entries if e.kind == "experiment" and e.setting["method"] == "diff_instruct"]
+    for e in dis or [None]:
+        add("Diff-Instruct (K=1)", e, 1)
+    emd = [(k, e) for k, group in k_members for e in group]
+    for k, e in emd:
+        add(f"EMD-{k}", e, 1)
+    if not emd:
+        add("EMD-K", None, 1)
+    note = "EMD-K rows: the world's reference EMD setting at each K that the suite runs."
+    if floor is not None:
+        note += (f" Noise floor: {floor['count']:,} training-split points against the held-out reference set "
+                 "through the same metrics; no model can be told apart from the data below it.")
+    return Table(f"{world}_main", f"{world}: one-step students against the teacher",
+                 pd.DataFrame(rows, dtype=object), note)
+
+
+def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]]) -> Table:
+    rows = []
+    dis = [e for e in entries if e.kind == "experiment" and e.setting["method"] == "diff_instruct"]
+    for e in dis or [None]:
+        rows.append(("Diff-Instruct", 1, e))
+    rows += [(f"EMD-{k}", k, e) for k, group in k_members for e in group or [None]]
+    base = next((e.get("sec_per_iter") for e in dis if is_number(e.get("sec_per_iter"))), None)
+
+    def rel(e: Entry | None) -> Any:
+        v = NOT_RUN if e is None else e.get("sec_per_iter")
+        return v / base if isinstance(v, (int, float)) and base else (NOT_RUN if v == NOT_RUN else None)
+
+    frame = pd.DataFrame(dtype=object, data=[
+        {"method": m, "K": k, "experiment": NOT_RUN if e is None else e.name,
+         metric_name("sec_per_iter", ""): NOT_RUN if e is None else e.get("sec_per_iter"),
+         "E-step sec/iter": NOT_RUN if e is None else e.get("sec_per_iter_estep"),
+         "x Diff-Instruct": rel(e)} for m, k, e in rows])
+    return Table(f"{world}_cost", f"{world}: training cost per iteration", frame,
+                 "Mean over the last 10% of iterations of score + E-step + M-step time (summary.json).")
+
+
+def experiments_table(world: str, entries: Sequence[Entry], toy: bool, world_def: World | None = None) -> Table:
+    rows = []
+    for e in (e for e in entries if e.kind == "experiment"):
+        s = e.setting
+        cancel = "injected + initial" if s["cancel_noise"] and s["cancel_initial"] else \
+            "injected only" if s["cancel_noise"] else "none"
+        rows.append({"experiment": e.name, "method": s["method"], "K": s["K"],
+                     "space": SPACE_LABELS[s["space"]], "cancellation": cancel, "init": s["init"],
+                     "gamma_eps": s["gamma_eps"], "gamma_z": s["gamma_z"],
+                     "iterations": s["iterations"], **_metric_cells(e, toy, world_def),
+                     **({metric_name("nll", world_def): e.get("nll")} if toy else {}),
+                     metric_name("samples_per_s", world_def): e.get("samples_per_s"),
+                     metric_name("sec_per_iter", world_def): e.get("sec_per_iter"),
+                     "status": "ok" if e.record is not None else NOT_RUN})
+    note = "NLL: -mean log p(x) of the samples under the true mixture, in nats." if toy else ""
+    return Table(f"{world}_experiments", f"{world}: every experiment of the suite",
+                 pd.DataFrame(rows, dtype=object), note)
+
+
+def paper_tables(params: Params, worlds: Sequence[str], world_tables: dict[str, dict[str, Any]]) -> list[Table]:
+    """The EMD paper's reported numbers beside ours, then the other methods' numbers, each with its source.
+
+    mct/data/paper_numbers.csv keeps numbers as published (strings: 2.20, 6.0); ``from_emd_paper`` says whether
+    the EMD paper reports the row itself. Ours is 'not run' unless the suite has a matching (Inception) world.
+    """
+    paper = pd.read_csv(PAPER_NUMBERS, dtype=str, keep_default_na=False)
+    own, other = [], []
+    for r in paper.itertuples(index=False):
+        world = _paper_world(params, worlds, r.dataset)
+        ours: Any = NOT_RUN
+        if world is not None:
+            ours = _ours(r.method, world_tables[world])
+        elif not _ours_method(r.method):
+            ours = "-"
+        row = {"dataset": r.dataset, "method": r.method, "NFE": r.nfe or None,
+               f"FID {DOWN} (reported)": r.fid, f"FID {DOWN} (ours)": ours, "source": r.source}
+        (own if r.from_emd_paper == "yes" else other).append(row)
+    legend = "'-': a method this project does not implement. 'not run': the suite has no such world."
+    return [Table("paper", "Paper-scale results: the EMD paper's numbers beside ours", pd.DataFrame(own, dtype=object),
+                  legend),
+            Table("paper_other", "Other methods, other sources (not rows of the EMD paper)",
+                  pd.DataFrame(other, dtype=object),
+                  "Numbers read from the paper named in 'source' (DMD: Yin et al. 2024; sCM: Lu & Song 2024), "
+                  "for context; they are not the EMD paper's comparison rows. " + legend)]
+
+
+T2I_DATASET = "COCO-2014 30k, SD v1.5"
+T2I_NOT_RUN = ("not run: the paper's protocol needs Stable Diffusion v1.5's weights, COCO-2014 and a multi-GPU "
+               "cluster (DMD trained on 72 GPUs); suite t2i_sd15 plans it")
+
+
+def text_to_image_table(params: Params, worlds: Sequence[str], world_tables: dict[str, dict[str, Any]]) -> Table:
+    """The paper's zero-shot COCO-2014 rows beside ours (FID and CLIP score), then each text2image world of the suite
+    that does not follow the paper's protocol (the tiny test world), labelled as such."""
+    from mct.worlds.registry import make_world
+
+    paper = pd.read_csv(PAPER_NUMBERS, dtype=str, keep_default_na=False)
+    paper_world = _paper_world(params, worlds, T2I_DATASET)
+    rows = []
+    for r in paper[paper.dataset == T2I_DATASET].itertuples(index=False):
+        if not _ours_method(r.method):
+            ours: Any = "-"  # a method this project does not implement (DMD)
+        else:
+            ours = T2I_NOT_RUN if paper_world is None else _ours(r.method, world_tables[paper_world])
+        rows.append({"world": paper_world or "-", "method": r.method, "NFE": r.nfe or None,
+                     f"FID {DOWN} (reported)": r.fid, f"FID {DOWN} (ours)": ours, f"CLIP score {UP} (ours)": "-",
+                     "source": r.source})
+    for w in worlds:
+        world = make_world(w, params.worlds[w])
+        if "clip_score" not in world.conditional_metric_keys or w == paper_world:
+            continue
+        for e in world_tables[w]["entries"]:
+            method = "teacher" if e.kind == "teacher" else e.setting.get("method", "")
+            rows.append({"world": w, "method": f"{method} ({e.name}; not the paper's protocol)",
+                         "NFE": e.get("nfe") if e.record else None, f"FID {DOWN} (reported)": "-",
+                         f"FID {DOWN} (ours)": e.get("fid") if e.record else NOT_RUN,
+                         f"CLIP score {UP} (ours)": e.get("clip_score") if e.record else NOT_RUN, "source": "-"})
+    return Table("text_to_image", "Text-to-image: zero-shot COCO-2014 30k (the paper's rows) and our text2image "
+                 "worlds", pd.DataFrame(rows, dtype=object),
+                 "FID: clean-fid Inception ('clean' mode) of 256-px centre crops (Lanczos) of the generations against "
+                 "the same crops of the captions' val2014 images. Rows of a world that is not the paper's protocol "
+                 "(fewer prompts, a tiny random-weight model) test the pipeline, not the method.")
+
+
+def _paper_world(params: Params, worlds: Sequence[str], dataset: str) -> str | None:
+    """The first of ``worlds`` that is the paper table's ``dataset`` (World.paper_dataset, e.g. 'ImageNet 64x64')."""
+    from mct.worlds.registry import make_world
+
+    matches = [w for w in worlds if make_world(w, params.worlds[w]).paper_dataset == dataset]
+    return matches[0] if matches else None
+
+
+def _ours_method(method: str) -> str | None:
+    if method.startswith("EMD"):
+        return "emd"
+    if method == "Diff-Instruct":
+        return "diff_instruct"
+    if "teacher" in method:
+        return "teacher"
+    return None
+
+
+def _ours(method: str, tables: dict[str, Any]) -> Any:
+    kind = _ours_method(method)
+    if kind is None:
+        return "-"
+    entries: list[Entry] = tables["entries"]
+    if kind == "teacher":
+        found = [e for e in entries if e.kind == "teacher"]
+    elif kind == "diff_instruct":
+        found = [e for e in entries if e.kind == "experiment" and e.setting["method"] == "diff_instruct"]
+    else:
+        m = re.match(r"EMD-(\d+)$", method)
+        ref = tables["reference"]
+        want = int(m.group(1)) if m else (ref["K"] if ref else None)
+        found = [e for k, group in tables["k_members"] if k == want for e in group]
+    return found[0].get("fid") if found else NOT_RUN
+
+
+def noise_floor(world, num_samples: int, feature_path: Path | None) -> dict[str, Any] | None:
+    """The metrics of real data against real data: up to ``num_samples`` points of the world's training split
+    against its held-out split (the FD reference set), through the evaluator's metrics. toy2d always (the data
+    is regenerated from params); digits when its feature network exists; None otherwise."""
+    from mct.evaluate import PR_MAX, FeatureSpace
+    from mct.metrics import fid as fidlib
+    from mct.metrics.precision_recall import precision_recall
+
+    if not world.noise_floor_ready(feature_path):
+        return None
+    with tempfile.TemporaryDirectory(prefix="mct-floor-") as tmp:
+        data = Path(tmp) / "data.npz"
+        world.prepare(data)  # the prepare stage's own code: the same splits as runs/data
+        train, _ = world.load_split(data, "train")
+        test, _ = world.load_split(data, "test")
+    space = FeatureSpace(world, feature_path if world.needs_feature_net else None, "cpu")
+    x = train[:num_samples]
+    fx, fr = space(x), space(test)
+    rec: dict[str, Any] = {"fid": fidlib.fid_from_stats(*fidlib.feature_stats(fx), *fidlib.feature_stats(fr)),
+                           "count": int(len(x)), "reference_count": int(len(test))}
+    p, r = precision_recall(fr[:PR_MAX], fx[:PR_MAX])
+    rec.update(precision=float(p), recall=float(r))
+    rec.update(world.exact_metrics(x))
+    return rec
