@@ -521,9 +521,12 @@ def _check_fetched_arch(key: str, t: TeacherConfig, world: WorldConfig) -> None:
             fits = [k for k, c in WORLDS.items() if c.takes_published_checkpoints]
             raise ConfigError(f"{key}.arch: {t.arch!r} teachers need a world of kind {' or '.join(fits)}, "
                               f"not {world.kind!r}")
-    if (t.kind == "local") != (t.arch == "sd_unet") or (t.kind == "local" and world.kind != "text2image"):
-        raise ConfigError(f"{key}.kind: a local teacher (kind: local) is a text2image world's Stable Diffusion "
-                          f"UNet (arch: sd_unet), got kind {t.kind!r}, arch {t.arch!r}, world kind {world.kind!r}")
+    if (t.kind == "local") != (t.arch == "sd_unet") or (t.kind == "local"
+                                                        and not world_class(world.kind).takes_local_teacher):
+        fits = [k for k, c in WORLDS.items() if c.takes_local_teacher]
+        raise ConfigError(f"{key}.kind: a local teacher (kind: local, arch: sd_unet) is the Stable Diffusion UNet of "
+                          f"a world of kind {' or '.join(fits)}; got kind {t.kind!r}, arch {t.arch!r}, world kind "
+                          f"{world.kind!r}")
     if t.arch == "adm":
         size = t.arch_kwargs.get("image_size")
         if size != world.resolution:

@@ -65,6 +65,7 @@ class World(ABC):
     fd_name: ClassVar[str] = "FD"  # the report's column header of the Frechet distance in this feature space
     samples_uint8: ClassVar[bool] = False  # `mct sample` stores quantised uint8 images (as EDM saves them)
     takes_published_checkpoints: ClassVar[bool] = False  # fetched EDM/ADM teachers (arch edm, adm) fit this world
+    takes_local_teacher: ClassVar[bool] = False  # a teacher of kind 'local' (import_teacher) exists for this world
     has_analytic_denoiser: ClassVar[bool] = False  # distill.estep_teacher: analytic is possible
     exact_metric_keys: ClassVar[tuple[str, ...]] = ()  # keys of exact_metrics(); the report's extra columns
     conditional_metric_keys: ClassVar[tuple[str, ...]] = ()  # keys of conditional_metrics() (e.g. clip_score)

@@ -56,6 +56,7 @@ class Text2Image(World):
     sample_figure: ClassVar[str] = "grid"
     # Inception and CLIP ViT-g-14 over 30k images at 256 px: a GPU and hours
     eval_needs: ClassVar[EvalNeeds] = EvalNeeds(mem_mb=32000, runtime=8 * 60, gpu=1, ref_threads=4)
+    takes_local_teacher: ClassVar[bool] = True  # the model folder's UNet (import_teacher)
     training_reads_data: ClassVar[bool] = True  # the prompts are in the prepared data file
     speed_batch: ClassVar[int] = 4  # a UNet pass per sample (CFG teacher: two); the tiny test world times on CPU
 
