@@ -178,6 +178,7 @@ def _check_outputs(root: Path, inputs: dict[str, str]) -> None:
     assert "9.66" in table and "not run: the paper's protocol" in table and EXP in table
 
 
+@pytest.mark.slow  # 277 s on the idle 2-core machine: CI runs it after the default suite (.ci/run)
 def test_tiny_text2image_suite_runs_through_snakemake(inputs, tmp_path):
     """prepare -> ref-stats -> teacher (local folder, pinned) -> teacher-eval -> init-student -> distill (K = 2,
     guidance 3) -> sample -> evaluate -> report, for real, in Snakemake (about 2-3 min on 2 cores)."""
@@ -188,7 +189,7 @@ def test_tiny_text2image_suite_runs_through_snakemake(inputs, tmp_path):
     _check_outputs(root, inputs)
 
 
-@pytest.mark.slow  # a second real run of the same stages, by DVC
+@pytest.mark.slow  # a second real run of the same stages, by DVC (342 s); CI runs it after the default suite
 def test_tiny_text2image_suite_runs_through_dvc(inputs, tmp_path):
     root = _engine_copy(tmp_path / "repo", inputs)
     env = _env(root, inputs)
