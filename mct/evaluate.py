@@ -198,13 +198,19 @@ def _teacher_sampler(teacher, world: World, steps: int, sigma_min: float, sigma_
     if guidance_scale != 1.0:
         teacher = GuidedDenoiser(teacher, lambda b: world.null_labels(b, device), guidance_scale)
 
-    def run(n: int, rng: torch.Generator | None = None, start: int = 0) -> tuple[Tensor, Tensor | None]:
+    def run(n: int, rng: torch.Generator | None = None, start: int = 0, finish: bool = True
+            ) -> tuple[Tensor, Tensor | None]:
         rng = rng or torch.Generator().manual_seed(0)
         latents = torch.randn((n, *world.data_shape), generator=rng)
         labels, ids = world.eval_labels(start, n, rng, device)
         x, _ = edm_heun_sample(teacher, latents.to(device), labels, steps, sigma_min, sigma_max)
-        return world.finish_samples(x, ids).cpu(), ids
+        return (world.finish_samples(x, ids) if finish else x).cpu(), ids
     return run
+
+
+def _teacher_nfe(tcfg: TeacherConfig) -> int:
+    """Network passes of one teacher sample: Heun's, twice over when guided (a guided call is 2 passes)."""
+    return heun_nfe(tcfg.sampler_steps) * (2 if tcfg.guidance_scale != 1.0 else 1)
 
 
 def evaluate_teacher(world: World, name: str, tcfg: TeacherConfig, teacher_path: Path,
@@ -222,7 +228,7 @@ def evaluate_teacher(world: World, name: str, tcfg: TeacherConfig, teacher_path:
         x, ids = sampler(min(batch_size, num_samples - i), rng, i)
         acc.add(x)
         cond.add(x, ids)
-    nfe = heun_nfe(tcfg.sampler_steps) * (2 if tcfg.guidance_scale != 1.0 else 1)  # a guided call: 2 passes
+    nfe = _teacher_nfe(tcfg)
     rec = {"teacher": name, "world": world.name, "method": "teacher", "K": None, "nfe": nfe,
            "guidance_scale": tcfg.guidance_scale, **_quality(world, acc, ref), **cond.means(),
            "samples_per_s": samples_per_second(lambda n: sampler(n)[0], batch_size=world.speed_batch,
@@ -252,13 +258,14 @@ def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: Te
     teacher.eval().to(device)
     gen.to(device)
     # Student and teacher speed in one process on one device, same batch size.
-    # The generator's pass only (for a latent world: before decoding, as the teacher's speed below is too).
+    # Network passes only, for both: a latent world's decoding is left out of the student's and the teacher's timing.
     student_fn = lambda n: generate(gen, world.data_shape, n, 0, world.eval_labels, batch_size=n, device=device)[0]  # noqa: E731
     teacher_fn = _teacher_sampler(teacher, world, tcfg.sampler_steps, tcfg.sigma_min, tcfg.sigma_max, device,
                                   tcfg.guidance_scale)
     s_sps = samples_per_second(student_fn, batch_size=world.speed_batch, n_batches=10, warmup=2)
-    t_sps = samples_per_second(lambda n: teacher_fn(n)[0], batch_size=world.speed_batch, n_batches=3, warmup=1)
-    nfe_t = heun_nfe(tcfg.sampler_steps) * (2 if tcfg.guidance_scale != 1.0 else 1)
+    t_sps = samples_per_second(lambda n: teacher_fn(n, finish=False)[0], batch_size=world.speed_batch, n_batches=3,
+                               warmup=1)
+    nfe_t = _teacher_nfe(tcfg)
     d = exp.distill
     rec = {"experiment": name, "world": world.name, "method": exp.method_name, "K": d.K, "nfe": 1,
            "space": d.space, "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial,

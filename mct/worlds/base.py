@@ -114,8 +114,10 @@ class World(ABC):
     def draw_labels(self, n: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor | None:
         """Conditioning of n training samples (score network and E-step), drawn from ``rng``: uniform one-hot classes
         (None: unconditional). A world whose conditions are not classes (text2image: prompt embeddings) overrides
-        this and :meth:`eval_labels`."""
-        return one_hot_labels(n, self.label_dim, rng, device)
+        this and :meth:`eval_labels`. Drawn where ``rng`` lives (a CPU generator gives the same set on any device),
+        then moved to ``device``."""
+        labels = one_hot_labels(n, self.label_dim, rng, rng.device)
+        return None if labels is None else labels.to(device)
 
     def eval_labels(self, start: int, n: int, rng: torch.Generator, device: torch.device | str = "cpu"
                     ) -> tuple[Tensor | None, Tensor | None]:
