@@ -11,9 +11,13 @@ params.yaml sections it reads, the settings Snakemake records and the resources 
 
 A stage's code dependencies are not listed by hand: :func:`code_deps` follows the import graph of the `mct.cli`
 function that runs the stage (its own imports, those of the cli helpers it calls and of cli.py's module level),
-then every import, module-level or inside a function, of each mct module reached, transitively. A module that may
-run is a dependency, so the list errs towards a rerun, never towards a stale result. Both engines list these files
-(DVC as `deps`, Snakemake as inputs, so a newer file reruns the job).
+then every import, module-level or inside a function, of each mct module reached, transitively. The world registry
+names its built-in worlds as strings and imports one when it is looked up, so that graph reaches no world module;
+a job adds the whole graph of the world(s) it runs (:func:`job_worlds`: its world, its teacher's or experiment's,
+the suite's for the report), and the module-level graph of every world of params.yaml, whose classes params
+validation (mct.config.parse_params) consults in every process. A module that may run is a dependency, so the list
+errs towards a rerun, never towards a stale result. Both engines list these files (DVC as `deps`, Snakemake as
+inputs, so a newer file reruns the job).
 
 Torch-free: Snakemake imports this module while it parses the workflow.
 """
@@ -163,7 +167,7 @@ class Job:
     params: list[str]  # params.yaml sections read (DVC `params:`)
     settings: str  # resolved settings as canonical JSON (Snakemake reruns a job when they change)
     resources: Resources
-    code: tuple[str, ...]  # mct source files the command may run (code_deps)
+    code: tuple[str, ...]  # mct source files the command may run (job_code)
 
 
 @dataclass(frozen=True)
@@ -364,7 +368,7 @@ def job(params: Params, stage: Stage | str, name: Any, params_file: str = "param
            f"--params {params_file} --no-progress")
     return Job(stage.name, instance_name(stage, name), cmd, stage.inputs(params, name), stage.outputs(params, name),
                stage.params(params, name), _json(stage.settings(params, name)), stage.resources(params, name),
-               code_deps(stage.command))
+               job_code(params, stage, name))
 
 
 def jobs(params: Params, suite: str | None = None, params_file: str = "params.yaml") -> list[Job]:
@@ -416,14 +420,36 @@ def _imports(nodes: list[ast.AST], module: str, is_package: bool, root: Path = P
     return {m for m in found if _module_file(m, root) is not None}
 
 
+def _module_level(nodes: list[ast.stmt]) -> list[ast.AST]:
+    """The imports that run when a module is imported: all but those in function bodies (class bodies run) and
+    in ``if TYPE_CHECKING:`` blocks."""
+    out: list[ast.AST] = []
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in (getattr(node.test, "id", None),
+                                                             getattr(node.test, "attr", None)):
+            todo.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.append(node)
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
 @cache
-def _module_imports(file: Path) -> frozenset[str]:
+def _module_imports(file: Path, module_level: bool = False) -> frozenset[str]:
+    """mct modules ``file`` imports: anywhere, or (``module_level``) only those its import runs."""
     tree = ast.parse(file.read_text(), str(file))
-    return frozenset(_imports([tree], _module_name(file), file.name == "__init__.py"))
+    nodes = _module_level(tree.body) if module_level else [tree]
+    return frozenset(_imports(nodes, _module_name(file), file.name == "__init__.py"))
 
 
-def _closure(modules: set[str], root: Path = PACKAGE) -> set[Path]:
-    """Files of the modules, their parent packages' __init__.py and everything they import, transitively."""
+def _closure(modules: set[str] | frozenset[str], root: Path = PACKAGE, module_level: bool = False) -> set[Path]:
+    """Files of the modules, their parent packages' __init__.py and everything they import, transitively
+    (``module_level``: only the imports that importing them runs)."""
     files: set[Path] = set()
     todo = list(modules)
     while todo:
@@ -433,13 +459,51 @@ def _closure(modules: set[str], root: Path = PACKAGE) -> set[Path]:
             f = _module_file(".".join(parts[:i]), root)
             if f is not None and f not in files:
                 files.add(f)
-                todo.extend(_module_imports(f))
+                todo.extend(_module_imports(f, module_level))
     return files
 
 
+def _repo_paths(files: set[Path]) -> tuple[str, ...]:
+    return tuple(sorted(f"mct/{f.relative_to(PACKAGE).as_posix()}" for f in files))
+
+
+def job_worlds(params: Params, stage: Stage, name: Any) -> list[str]:
+    """The worlds (params.yaml names) a job runs: its own, its teacher's or experiment's, the suite's (report)."""
+    if stage.over == "world":
+        return [name]
+    if stage.over == "teacher":
+        return [_teacher_world(params, name)]
+    if stage.over == "run":
+        return [params.experiment(name[0]).world]
+    return list(params.suite_worlds(name))
+
+
+def job_code(params: Params, stage: Stage, name: Any) -> tuple[str, ...]:
+    """A job's code: its command's import graph with that of the worlds it runs, and what importing every world
+    module of params.yaml runs (params validation looks up every world's class, in every stage process)."""
+    from mct.worlds.registry import world_module
+
+    def modules(kinds) -> tuple[str, ...]:
+        return tuple(sorted({world_module(k) for k in kinds}))
+
+    used = modules(params.worlds[w].kind for w in job_worlds(params, stage, name))
+    return code_deps(stage.command, used, modules(w.kind for w in params.worlds.values()))
+
+
 @cache
-def code_deps(command: str) -> tuple[str, ...]:
-    """The mct source files `mct <command>` may run, as repository paths (mct/...), sorted."""
+def code_deps(command: str, worlds: tuple[str, ...] = (), checked: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The mct source files `mct <command>` may run, as repository paths (mct/...), sorted: the import graph of
+    its cli function, the whole graph of the world modules ``worlds`` (mct.worlds.toy2d) it runs, and the
+    module-level graph of the world modules ``checked`` (params validation imports them). A world module outside
+    mct (a plugin) adds nothing: the engines track mct's files."""
+    files = set(_command_deps(command)) | _closure(set(worlds)) | _closure(set(checked), module_level=True)
+    return _repo_paths(files)
+
+
+@cache
+def _command_deps(command: str) -> frozenset[Path]:
+    """The files the import graph of `mct <command>`'s cli function reaches (no world module: the registry
+    imports worlds by name, on lookup)."""
     cli = PACKAGE / "cli.py"
     tree = ast.parse(cli.read_text(), str(cli))
     funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
@@ -455,8 +519,7 @@ def code_deps(command: str) -> tuple[str, ...]:
         todo.extend(n.id for n in ast.walk(funcs[name]) if isinstance(n, ast.Name) and n.id in funcs)
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     modules = _imports(top + [funcs[n] for n in reached], "mct.cli", False)
-    files = _closure(modules) | {cli}  # cli.py runs, but only the imports of the functions above
-    return tuple(sorted(f"mct/{f.relative_to(PACKAGE).as_posix()}" for f in files))
+    return frozenset(_closure(modules) | {cli})  # cli.py runs, but only the imports of the functions above
 
 
 def module_users(params: Params, module: str, suite: str | None = None) -> set[tuple[str, str | None]]:

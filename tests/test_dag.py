@@ -214,9 +214,11 @@ def test_snakemake_and_dvc_have_the_same_dag(repo_copy):
         expected["features"] = digits
     assert by_kind == expected
     assert smk[("report", None)].command.startswith(f"mct report --suite {p.suite} ")
-    # every job's code is what the import graph of its command gives
-    for (kind, _), st in smk.items():
-        assert st.code == frozenset(stages.code_deps(stages.BY_NAME[kind].command))
+    # every job's code is what the import graph of its command and its world give
+    for (kind, inst), st in smk.items():
+        name = {"run": next((r for r in p.suite_runs() if paths.run_name(*r) == inst), None), "": p.suite}.get(
+            stages.BY_NAME[kind].over, inst)
+        assert st.code == frozenset(stages.job_code(p, stages.BY_NAME[kind], name)), (kind, inst)
 
 
 def test_dvc_yaml_is_generated_and_up_to_date():
@@ -234,8 +236,11 @@ def test_code_deps_follow_the_import_graph():
         assert {"mct/cli.py", "mct/__init__.py", "mct/config.py", "mct/paths.py"} <= files, name
         assert all((REPO / f).is_file() for f in files), name
         assert "mct/stages.py" not in files  # the table itself runs in the engines, not in a stage
-    # _world() (a cli helper every world stage calls) imports the world registry, which imports the networks
-    assert {"mct/worlds/registry.py", "mct/worlds/toy2d.py", "mct/nets/mlp.py"} <= deps["prepare"]
+    # _world() (a cli helper every world stage calls) imports the world registry, which names the worlds (strings)
+    # and imports none: a world's module is the code of the jobs that run it (test_a_job_depends_on_its_world_only)
+    assert {"mct/worlds/registry.py", "mct/worlds/base.py", "mct/nets/mlp.py"} <= deps["prepare"]
+    assert not any(f in files for f in ("mct/worlds/toy2d.py", "mct/worlds/text2image.py", "mct/nets/sd.py")
+                   for files in deps.values())
     assert "mct/report.py" in deps["report"] and not any("mct/report.py" in v for k, v in deps.items() if k != "report")
     assert "mct/aggregate.py" in deps["report"]  # imported by report.py
     assert "mct/train.py" in deps["distill"] and "mct/train.py" not in deps["prepare"]
@@ -243,6 +248,32 @@ def test_code_deps_follow_the_import_graph():
     # a deep module reaches every stage whose command imports it, and only those
     users = {s for s, files in deps.items() if "mct/diffusion.py" in files}
     assert users == set(deps)
+
+
+def test_a_job_depends_on_its_world_only():
+    """A job's code adds the whole import graph of the world(s) it runs (its world, teacher's or experiment's world;
+    the suite's for the report) to its command's, and the module files of every world of params.yaml (params
+    validation imports each world's class, in every process), not what those import inside functions."""
+    from mct.worlds.registry import world_module
+
+    p = load_params(REPO / "params.yaml")
+    kinds = {w.kind for w in p.worlds.values()}
+    assert {"toy2d", "text2image"} <= kinds
+    world_files = {world_module(k).replace(".", "/") + ".py" for k in kinds}
+    toy, t2i = stages.jobs(p, "smoke"), stages.jobs(p, "t2i_sd15")
+    assert toy and t2i
+    for j in toy + t2i:
+        assert world_files <= set(j.code), (j.stage, j.name)  # validation imports every world module
+        assert set(stages.code_deps(stages.BY_NAME[j.stage].command)) < set(j.code)
+    for j in toy:  # the text-to-image world's networks and data code are no toy2d job's code
+        assert {"mct/nets/sd.py", "mct/coco.py", "mct/metrics/clip_score.py"}.isdisjoint(j.code), (j.stage, j.name)
+        assert "mct/worlds/mixture.py" in j.code  # toy2d's own math (inside its functions)
+    for j in t2i:
+        assert {"mct/nets/sd.py", "mct/coco.py"} <= set(j.code), (j.stage, j.name)
+        assert "mct/worlds/mixture.py" not in j.code  # only a TYPE_CHECKING/in-function import of toy2d's
+    distill = next(j for j in toy if j.stage == "distill")
+    assert set(distill.code) == set(stages.code_deps("distill", ("mct.worlds.toy2d",),
+                                                     tuple(sorted({world_module(k) for k in kinds}))))
 
 
 def test_unknown_suite_stops_before_any_job(repo_copy):
@@ -537,13 +568,17 @@ def test_a_changed_module_reruns_exactly_the_stages_that_import_it_after_a_real_
     finally:
         ENV["PYTHONPATH"] = ENV["PYTHONPATH"].split(os.pathsep, 1)[1]
         del ENV["MCT_IMPORT_LOG"]
+    params = load_params(root / "params.yaml")
+    by_args = {}  # a job's arguments from its subcommand on (what the stage process sees after argv[0])
+    for j in stages.jobs(params):
+        argv = j.command.split()
+        by_args[tuple(argv[argv.index(stages.BY_NAME[j.stage].command):])] = j
     seen = 0
     for rec in (json.loads(p.read_text()) for p in log.glob("*.json")):
-        command = next((a for a in rec["argv"][1:] if not a.startswith("-")), None)
-        stage = next((s for s in stages.STAGES if s.command == command), None)
-        if stage is None:
+        job = by_args.get(tuple(rec["argv"][1:]))
+        if job is None:
             continue  # snakemake, dvc and helpers
-        deps = set(stages.code_deps(command))
+        command, deps = job.command, set(job.code)
         missing = set()
         for m in rec["modules"]:
             base = "/".join(m.split("."))
