@@ -20,7 +20,7 @@ from mct.images import quantize
 from mct.io import load_torch, save_torch
 from mct.nets.weights import check_reinitialised, reinitialise
 from mct.teacher import load_denoiser
-from mct.worlds.base import one_hot_labels
+from mct.worlds.base import class_labels as draw_class_labels
 from mct.worlds.registry import World
 
 # --- build, initialise, load ---------------------------------------------------------------------------------
@@ -72,11 +72,10 @@ LabelSource = Callable[[int, int, torch.Generator, "torch.device | str"], tuple[
 
 def class_labels(label_dim: int) -> LabelSource:
     """The label source of a class-conditional (or, label_dim 0, unconditional) world: uniform classes, drawn from
-    the batch's generator after its z. The same as :meth:`mct.worlds.base.World.eval_labels` by default."""
+    the batch's generator after its z by :func:`mct.worlds.base.class_labels`, World.eval_labels's default."""
     def draw(start: int, n: int, rng: torch.Generator, device: torch.device | str
              ) -> tuple[Tensor | None, Tensor | None]:
-        labels = one_hot_labels(n, label_dim, rng, device)
-        return labels, (None if labels is None else labels.argmax(1))
+        return draw_class_labels(n, label_dim, rng, device)
     return draw
 
 

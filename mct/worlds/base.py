@@ -116,15 +116,14 @@ class World(ABC):
         (None: unconditional). A world whose conditions are not classes (text2image: prompt embeddings) overrides
         this and :meth:`eval_labels`. Drawn where ``rng`` lives (a CPU generator gives the same set on any device),
         then moved to ``device``."""
-        labels = one_hot_labels(n, self.label_dim, rng, rng.device)
-        return None if labels is None else labels.to(device)
+        return one_hot_labels(n, self.label_dim, rng, device)
 
     def eval_labels(self, start: int, n: int, rng: torch.Generator, device: torch.device | str = "cpu"
                     ) -> tuple[Tensor | None, Tensor | None]:
         """(conditioning, integer ids stored with the samples) of evaluation samples ``start .. start + n - 1``:
-        random classes by default; a world evaluated on a fixed prompt list gives its prompts in order."""
-        labels = self.draw_labels(n, rng, device)
-        return labels, (None if labels is None else labels.argmax(1))
+        random classes by default (:func:`class_labels`, the draw of :meth:`draw_labels`, as mct.student.generate
+        draws for a bare class count); a world evaluated on a fixed prompt list gives its prompts in order."""
+        return class_labels(n, self.label_dim, rng, device)
 
     def null_labels(self, n: int, device: torch.device | str = "cpu") -> Tensor:
         """The unconditional input of classifier-free guidance (mct.diffusion.GuidedDenoiser), for worlds whose
@@ -206,10 +205,20 @@ class World(ABC):
 
 
 def one_hot_labels(n: int, label_dim: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor | None:
-    """Uniform class labels drawn from ``rng`` (deterministic given its state), one-hot; None if unconditional."""
+    """Uniform class labels drawn from ``rng`` (deterministic given its state) where it lives (a CPU generator gives
+    the same set on any device), one-hot, then moved to ``device``; None if unconditional."""
     if label_dim == 0:
         return None
     import torch
 
-    idx = torch.randint(0, label_dim, (n,), generator=rng, device=device)
-    return torch.nn.functional.one_hot(idx, label_dim).float()
+    idx = torch.randint(0, label_dim, (n,), generator=rng, device=rng.device)
+    return torch.nn.functional.one_hot(idx, label_dim).float().to(device)
+
+
+def class_labels(n: int, label_dim: int, rng: torch.Generator, device: torch.device | str = "cpu"
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """The labels of n samples of a world conditioned on ``label_dim`` uniform classes (0: unconditional), as
+    (one-hot conditioning, integer class ids stored with the samples), or (None, None). The one definition of
+    :meth:`World.eval_labels`'s default and of mct.student.generate's labels for a class count."""
+    labels = one_hot_labels(n, label_dim, rng, device)
+    return labels, (None if labels is None else labels.argmax(1))
