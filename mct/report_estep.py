@@ -1,4 +1,5 @@
-"""The report's "E-step fidelity (toy2d, exact target)" section, from benchmarks/estep_fidelity.py's outputs.
+"""The report's "E-step fidelity (toy2d, exact target)" section, from benchmarks/estep_fidelity.py's outputs (and
+the optional sections of benchmarks/toy2d_sweep.py and benchmarks/estep_chain.py, the paper's Figure 1 on digits).
 
 Shown only when <reports>/benchmarks/estep_fidelity/summary.csv exists; the figure is copied into the report's
 figures/ (byte for byte, so an unchanged benchmark leaves the report unchanged).
@@ -96,3 +97,51 @@ def add_toy2d_sweep(page: Any, bench: Path) -> None:
     for sentence in sweep_verdicts(table):
         page.p(sentence)
     page.table(Table("toy2d_sweep", "E-step settings against Diff-Instruct, paired seeds", table))
+
+
+CHAIN_SECTION = "E-step chain towards the teacher (the paper's Figure 1)"
+CHAIN_FIGURE = "estep_chain.png"
+CHAIN_COLUMNS = {  # estep_chain.json snapshot key -> the table's column
+    "step": "step", "z_move_norm": "mean |z_k - z_0|", "z_move_rms": "z move (RMS/coord)",
+    "x_move_rms": "x move (RMS/coord)", "fd_pixels_denoised": "FD pixels, D(x_k)",
+    "fd_pixels_generator": "FD pixels, g(z_k)", "fd_features_denoised": "FD features, D(x_k)",
+    "fd_features_generator": "FD features, g(z_k)", "chains_reset": "chains reset"}
+
+
+def add_estep_chain(page: Any, bench: Path, figures: Path) -> None:
+    """Append the section (benchmarks/estep_chain.py's outputs) to ``page`` if estep_chain.json is in ``bench``."""
+    try:
+        data = json.loads((bench / "estep_chain.json").read_text())
+        s, snaps, floors = data["settings"], data["snapshots"], data.get("floors", {})
+    except (OSError, ValueError, KeyError):
+        return
+    from mct.report_tables import Table
+
+    frame = pd.DataFrame(snaps)
+    frame = frame[[c for c in CHAIN_COLUMNS if c in frame.columns]]
+    if frame[[c for c in frame.columns if c.startswith("fd_features")]].isna().all().all():
+        frame = frame.drop(columns=[c for c in frame.columns if c.startswith("fd_features")])
+    frame = frame.rename(columns=CHAIN_COLUMNS)
+
+    def floor(key: str, space: str) -> str:
+        v = floors.get(key, {}).get(space)
+        return "n/a" if v is None else f"{v:.4g}"
+
+    page.h(2, CHAIN_SECTION)
+    page.p(f"From the one-step student's own samples ({s.get('n', '?')} chains, z_0 and eps_0 ~ N(0, I), seed "
+           f"{s.get('seed', '?')}), {s.get('steps', '?')} Langevin steps of the E-step (mct.emd.langevin_estep, space "
+           f"{s.get('space', '?')}, the step sizes of experiment {s.get('experiment', '?')}, noise cancellation off) "
+           f"at sigma = {s.get('sigma', float('nan')):.3g} ({s.get('sigma_rule', '?')}) towards the target "
+           "p_teacher(x_t) q(z | x_t). Per snapshot: how far the chains moved, and the Frechet distance to "
+           f"{s.get('n_ref', '?')} teacher samples of the teacher's denoising D(x_k, sigma) and of the generator's "
+           "image g(z_k) of the moved latent. Floors (the same distance for a set of teacher samples of the same "
+           f"size): g(z_k) {floor('teacher_samples', 'pixels')}, D(x_k) {floor('teacher_denoised', 'pixels')} "
+           "(teacher samples noised to sigma and denoised) in pixels. "
+           f"World {s.get('world', '?')}; generator {s.get('generator', '?')} ({s.get('generator_key', '?')} "
+           f"weights); score network: {s.get('score_source', '?')}. Produced by benchmarks/estep_chain.py.")
+    page.table(Table("estep_chain", "E-step chain: movement and distance to the teacher per snapshot", frame))
+    fig = bench / "estep_chain.png"
+    if fig.exists():
+        shutil.copyfile(fig, figures / CHAIN_FIGURE)
+        page.figure(CHAIN_FIGURE, f"E-step chain ({s.get('space', '?')}, sigma {s.get('sigma', float('nan')):.3g}): "
+                                  "top D_teacher(x_k, sigma), bottom g(z_k), per snapshot; last column the teacher")
