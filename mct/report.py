@@ -1,6 +1,6 @@
 """Report stage: the paper's tables and figures, rebuilt from the suite's metrics, logs and samples.
 
-Inputs, per experiment E and teacher T of the suite (a missing one shows as "not run"):
+Inputs, per experiment E and teacher T of the suite (one without metrics is no table row; the page names it):
   <reports_in>/experiments/E.json, <reports_in>/teachers/T.json   (written by the evaluate stages)
   <runs>/experiments/E/distill/log.jsonl, <runs>/experiments/E/samples.npz
 Outputs, under ``out_dir`` (reports/ by default):
@@ -57,8 +57,10 @@ from mct.report_tables import (
     SPACE_LABELS,
     UP,
     Table,
+    ablation_line,
     ablation_members,
     ablation_table,
+    ablation_varied,
     cost_table,
     experiments_table,
     fmt,
@@ -67,6 +69,7 @@ from mct.report_tables import (
     noise_floor,
     paper_tables,
     plain_metric_name,
+    ran,
     reference_setting,
     text_to_image_table,
 )
@@ -108,6 +111,8 @@ class Page:
             else:
                 t: Table = b[1]
                 out += [f"**{t.title}**", "", markdown_table(t.display()), ""]
+                if t.missing:
+                    out += [t.missing, ""]
                 if t.note:
                     out += [t.note, ""]
                 csv, tex = f"tables/{t.name}.csv", f"tables/{t.name}.tex"
@@ -131,6 +136,8 @@ class Page:
                 t = b[1]
                 body.append(f'<div class="table"><p class="caption">{e(t.title)}</p>')
                 body.append(t.display().to_html(index=False, border=0, escape=True, classes="data"))
+                if t.missing:
+                    body.append(f'<p class="missing">{e(t.missing)}</p>')
                 if t.note:
                     body.append(f'<p class="note">{e(t.note)}</p>')
                 body.append(f'<p class="files">Files: <a href="tables/{e(t.name)}.csv">{e(t.name)}.csv</a> '
@@ -149,7 +156,7 @@ table.data th, table.data td { border: 1px solid #ccc; padding: .25em .6em; text
 table.data th { background: #f3f3f3; }
 table.data td:first-child, table.data th:first-child { text-align: left; min-width: 14em; }
 p.caption { font-weight: bold; margin-bottom: .2em; }
-p.note, p.files { font-size: 0.85em; color: #555; margin-top: .2em; }
+p.note, p.files, p.missing { font-size: 0.85em; color: #555; margin-top: .2em; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
@@ -172,7 +179,7 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def _describe(ref: dict[str, Any] | None) -> str:
     if ref is None:
-        return "This world has no EMD experiment in the suite, so every ablation level is not run."
+        return "This world has no EMD experiment in the suite, so it has no ablation."
     cancel = "injected + initial" if ref["cancel_noise"] and ref["cancel_initial"] else \
         "injected only" if ref["cancel_noise"] else "none"
     return (f"Reference EMD setting (most common value of each key among this world's EMD experiments): "
@@ -196,10 +203,19 @@ def _write_table(t: Table, tables: Path) -> None:
     (tables / f"{t.name}.tex").write_text(tex, encoding="utf-8")
 
 
+def _put(page: Page, t: Table) -> None:
+    """A table with rows; one without is a line that says so (and has no CSV/TeX files)."""
+    if len(t.frame):
+        page.table(t)
+    else:
+        page.p(f"{t.title}: no row has results in this suite. {t.missing}".rstrip())
+
+
 def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src: Sources, figures: Path,
-               kinds: dict[str, World], results: Sequence[Any]) -> dict[str, Any]:
-    """The section of world ``w``: main table, ablations, cost, figures, all experiments. Returns what the
-    paper tables need of it (its entries, reference setting and K sweep)."""
+               kinds: dict[str, World], results: Sequence[Any], carriers: dict[str, list[str]]) -> dict[str, Any]:
+    """The section of world ``w``: main table, ablations, cost, figures, all experiments. ``carriers``: per
+    ablation, the worlds of the report whose table of it is printed. Returns what the paper tables need of it
+    (its entries, reference setting and K sweep)."""
     import seaborn as sns
 
     we = [e for e in entries if e.world == w]
@@ -216,7 +232,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     exps = [e for e in we if e.kind == "experiment"]
     floor = noise_floor(world, exps[0].setting["eval_samples"], src.feature_net(w)) if exps else None
     page.h(2, f"World {w} ({world.kind})")
-    page.table(main_table(w, we, members["K"], toy, kinds[w], floor))
+    _put(page, main_table(w, we, members["K"], toy, kinds[w], floor))
     if floor is None and world.needs_feature_net:
         page.p("Noise floor (training against held-out split through the same metrics): not computed in this "
                f"build, which has no {world.kind} feature network ({src.feature_net(w)}).")
@@ -224,9 +240,12 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     page.h(3, "Ablations")
     page.p(_describe(ref))
     for ab in ABLATIONS:
-        page.table(ablation_table(w, ab, members[ab.name], toy, logs, kinds[w]))
+        if ablation_varied(members[ab.name]):
+            page.table(ablation_table(w, ab, members[ab.name], toy, logs, kinds[w]))
+        else:  # nothing varied: one line, no table and no files
+            page.p(ablation_line(w, ab, members[ab.name], ref, carriers[ab.name]))
         discuss(ab.name)
-    page.table(cost_table(w, we, members["K"]))
+    _put(page, cost_table(w, we, members["K"]))
     discuss("cost")
     page.h(3, "Figures")
     teachers = [(e.name, params.teacher(e.name)) for e in we if e.kind == "teacher"]
@@ -254,7 +273,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     page.figure(f"{w}_speed.png", f"{w}: speed-up of each one-step student over the teacher (ratio of "
                                   "samples per second; dashed: the teacher's NFE)")
     page.h(3, "All experiments")
-    page.table(experiments_table(w, we, toy, kinds[w]))
+    _put(page, experiments_table(w, we, toy, kinds[w]))
     return {"entries": we, "reference": ref, "k_members": members["K"]}
 
 
@@ -278,9 +297,13 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
 
     suite_name = suite or params.suite
     page = Page(f"Mode-Covering Training report: suite {suite_name}")
-    ran = sum(e.record is not None for e in entries)
-    page.p(f"{ran} of {len(entries)} teachers and experiments have metrics; the others show as '{NOT_RUN}'. "
-           f"Machine-readable metrics: metrics.json.")
+    absent = [e.name for e in entries if not ran(e)]
+    if absent:
+        page.p(f"{len(entries) - len(absent)} of {len(entries)} teachers and experiments of the suite have "
+               f"metrics; no metrics, so in no table: {', '.join(absent)}. Machine-readable metrics: metrics.json.")
+    else:
+        page.p(f"All {len(entries)} teachers and experiments of the suite have metrics. "
+               "Machine-readable metrics: metrics.json.")
     ran_exps = [e for e in entries if e.kind == "experiment" and e.record is not None]
     no_samples = sum(not src.samples(e.name).exists() for e in ran_exps)
     no_logs = sum(not src.log(e.name).exists() for e in ran_exps)
@@ -293,14 +316,14 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     worlds = params.suite_worlds(suite)
     results = evaluate_claims(CLAIMS, seed_records(entries, src), worlds)
     page.h(2, "Claims")
-    if results:
-        page.table(claims_table(results, kinds))
+    if any(r.n > 0 for r in results):
+        page.table(claims_table(results, kinds, CLAIMS))
     else:
         page.p("No claim of mct.claims.CLAIMS is testable in this suite: it does not run the experiments they "
                "compare.")
     page.p("Metrics. " + METRIC_DEFINITIONS)
     page.h(2, "Provenance")
-    paras, prov = provenance(entries, src, params)
+    paras, prov = provenance([e for e in entries if ran(e)], src, params)
     for text in paras:
         page.p(text)
     page.table(prov)
@@ -308,9 +331,14 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
 
     add_convergence(page, params, suite, src, figures, kinds, worlds)
 
+    members = {}  # per world, per ablation: its levels; a world 'carries' an ablation whose table is printed
+    for w in worlds:
+        we = [e for e in entries if e.world == w]
+        members[w] = {ab.name: ablation_members(ab, reference_setting(we), we) for ab in ABLATIONS}
+    carriers = {ab.name: [w for w in worlds if ablation_varied(members[w][ab.name])] for ab in ABLATIONS}
     per_world: dict[str, dict[str, Any]] = {}
     for w in worlds:
-        per_world[w] = _add_world(page, params, w, entries, src, figures, kinds, results)
+        per_world[w] = _add_world(page, params, w, entries, src, figures, kinds, results, carriers)
     # the E-step benchmarks' sections, if they have run
     from mct.report_estep import add_estep_chain, add_estep_fidelity, add_toy2d_sweep
 
@@ -319,8 +347,8 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     add_estep_chain(page, src.reports_in / "benchmarks" / "estep_chain", figures)
     page.h(2, "Paper-scale results")
     for t in paper_tables(params, worlds, per_world):
-        page.table(t)
-    page.table(text_to_image_table(params, worlds, per_world))
+        _put(page, t)
+    _put(page, text_to_image_table(params, worlds, per_world))
 
     for b in page.blocks:
         if b[0] == "table":

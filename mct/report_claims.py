@@ -13,11 +13,13 @@ from mct.report_tables import PAPER_ITERATIONS, Table, metric_name, plain_metric
 from mct.worlds.base import World
 
 
-def claims_table(results: Sequence[Any], kinds: dict[str, World]) -> Table:
-    from mct.claims import effect_unit
+def claims_table(results: Sequence[Any], kinds: dict[str, World], claims: Sequence[Any] | None = None) -> Table:
+    """One row per (claim, world) result; the note names the claims of ``claims`` (default mct.claims.CLAIMS)
+    that no world of this suite could test (no result with at least one seed)."""
+    from mct.claims import CLAIMS, effect_unit
 
     rows = []
-    for r in results:
+    for r in (r for r in results if r.n > 0):  # a pair without a shared seed with the metric has no data
         c = r.claim
         side = "< 0" if c.better == "lower" else "> 0"
         rows.append({"claim": c.text, "world": r.world, "verdict": r.label, "n (seeds)": r.n, "mean": r.mean,
@@ -31,9 +33,12 @@ def claims_table(results: Sequence[Any], kinds: dict[str, World]) -> Table:
             "(or the least-squares slope against log2 K; for cost, against K), then the mean and a two-sided 95% "
             "Student-t interval over seeds. Verdict, computed: reproduced when the interval excludes 0 on the "
             "paper's side, contradicted when it excludes 0 on the other side, inconclusive otherwise and always "
-            f"with fewer than 2 seeds (no interval). A linear-cost claim also needs mean R^2 >= {LINEAR_R2:g}. "
-            "Not tested here: 'faster convergence of EMD over Diff-Instruct' (needs quality measured during "
-            "training, which the runs do not record yet).")
+            f"with fewer than 2 seeds (no interval). A linear-cost claim also needs mean R^2 >= {LINEAR_R2:g}.")
+    tested = {r.claim.key for r in results if r.n > 0}
+    untested = [c.text for c in (CLAIMS if claims is None else claims) if c.key not in tested]
+    if untested:
+        note += (" Not tested here (this suite has no data for them): "
+                 + "; ".join(f"'{t}'" for t in untested) + ".")
     return Table("claims", "The paper's claims, tested on this suite's runs", pd.DataFrame(rows, dtype=object),
                  note)
 

@@ -2,6 +2,10 @@
 metrics' display names, the ablations and the main, ablation, cost, experiments, paper and text-to-image tables,
 and the noise floor of the main table.
 
+Tables hold only rows with results: a level of the paper's design (a sampling space, a cancellation setting, a K, an
+initialisation, a step size), a method or a run of the suite without metrics is no row; ``Table.missing`` names
+them in one line under the table.
+
 Ablations follow the paper: each table holds the experiments of a world that differ from the world's
 reference EMD setting in that factor alone. The reference is, per setting key, the most common value among the
 world's EMD experiments in the suite (ties: the first in suite order); the page states it.
@@ -76,13 +80,14 @@ class Table:
     title: str
     frame: pd.DataFrame
     note: str = ""
+    missing: str = ""  # one line under the table: what has no row because it was not run (empty: nothing)
 
     def display(self) -> pd.DataFrame:
         return self.frame.apply(lambda col: col.map(fmt)) if len(self.frame) else self.frame.astype(str)
 
 
 def fmt(v: Any) -> str:
-    """Cell text: 'not run' stays, null -> 'n/a', floats to 4 significant digits, booleans yes/no."""
+    """Cell text: strings stay, null -> 'n/a', floats to 4 significant digits, booleans yes/no."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return NA
     if isinstance(v, (bool, np.bool_)):
@@ -132,6 +137,8 @@ class Ablation:
     free: tuple[str, ...]
     levels: Callable[[dict[str, Any] | None, list[dict[str, Any]]], list[tuple[Any, dict[str, Any]]]]
     note: str = ""
+    noun: str = ""  # 'sampling-space' in "no sampling-space ablation in this suite"
+    others: str = ""  # what the levels without a row are: "the paper's other sampling spaces"
 
 
 def _observed(ref: dict[str, Any], settings: list[dict[str, Any]], free: tuple[str, ...]) -> list[tuple]:
@@ -155,16 +162,21 @@ def _step_levels(ref, settings):
 
 ABLATIONS = (
     Ablation("space", "Sampling space of the E-step", "sampling space", ("space",),
-             lambda ref, s: [(lab, {"space": sp}) for sp, lab in SPACE_LABELS.items()]),
+             lambda ref, s: [(lab, {"space": sp}) for sp, lab in SPACE_LABELS.items()],
+             noun="sampling-space", others="the paper's other sampling spaces"),
     Ablation("noise", "Noise cancellation", "cancellation", ("cancel_noise", "cancel_initial"),
              lambda ref, s: [("none", {"cancel_noise": False}),
                              ("injected only", {"cancel_noise": True, "cancel_initial": False}),
                              ("injected + initial", {"cancel_noise": True, "cancel_initial": True})],
-             "grad norm: mean generator gradient norm over the last 10% of iterations (log.jsonl)."),
-    Ablation("K", "Number of Langevin steps K", "K", ("K",), _k_levels),
+             "grad norm: mean generator gradient norm over the last 10% of iterations (log.jsonl).",
+             noun="noise-cancellation", others="the paper's other cancellation settings"),
+    Ablation("K", "Number of Langevin steps K", "K", ("K",), _k_levels, noun="K",
+             others="the paper's other K"),
     Ablation("init", "Generator initialisation", "initialisation", ("init",),
-             lambda ref, s: [("teacher", {"init": "teacher"}), ("scratch", {"init": "scratch"})]),
-    Ablation("step_size", "Langevin step sizes", "step sizes", ("gamma_eps", "gamma_z"), _step_levels),
+             lambda ref, s: [("teacher", {"init": "teacher"}), ("scratch", {"init": "scratch"})],
+             noun="initialisation", others="the paper's other initialisation"),
+    Ablation("step_size", "Langevin step sizes", "step sizes", ("gamma_eps", "gamma_z"), _step_levels,
+             noun="step-size", others="the suite's other step sizes"),
 )
 
 
@@ -190,28 +202,82 @@ def _tail_mean(log: pd.DataFrame | None, key: str) -> Any:
     return float(v[-max(1, len(v) // 10):].mean())
 
 
+def ran(e: Entry | None) -> bool:
+    """The entry has metrics (an evaluator record): only such entries are rows of a table."""
+    return e is not None and e.record is not None
+
+
+def _and(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _not_run_label(label: Any, group: Sequence[Entry] = ()) -> str:
+    """A row that has no results: its label, and the suite's runs at it that have no metrics (if any)."""
+    names = [e.name for e in group if not ran(e)]
+    return f"{label} ({', '.join(names)}: no metrics)" if names else str(label)
+
+
+def not_run_line(labels: Sequence[str], what: str = "") -> str:
+    """'Not run in this suite: a, b (what).' -- the line under a table that names its absent rows; '' if none."""
+    if not labels:
+        return ""
+    return f"Not run in this suite: {', '.join(labels)}" + (f" ({what})" if what else "") + "."
+
+
+def levels_with_results(members: list[tuple[Any, list[Entry]]]) -> list[Any]:
+    """The ablation levels at which some experiment has metrics."""
+    return [label for label, group in members if any(ran(e) for e in group)]
+
+
+def ablation_varied(members: list[tuple[Any, list[Entry]]]) -> bool:
+    """Whether the ablation is one: at least two of its levels have results (else it is a line, not a table)."""
+    return len(levels_with_results(members)) >= 2
+
+
+def ablation_line(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]], ref: dict[str, Any] | None,
+                  carriers: Sequence[str]) -> str:
+    """The line that stands for an ablation with fewer than two levels with results; ``carriers``: the worlds of
+    the report whose table of this ablation is printed."""
+    done = [(label, [e for e in group if ran(e)]) for label, group in members]
+    done = [(label, group) for label, group in done if group]
+    if ref is None:
+        why = "this world has no EMD experiment"
+    elif not done:
+        why = "no experiment at the reference setting has metrics"
+    elif all(done[0][1][0].setting[k] == ref[k] for k in ab.free):
+        why = "only the reference setting ran"
+    else:
+        why = f"only {ab.column} {done[0][0]} ran"
+    others = [w for w in carriers if w != world]
+    tail = f"; {_and(others)} {'carries' if len(others) == 1 else 'carry'} it" if others else ""
+    return f"{world}: no {ab.noun} ablation in this suite ({why}){tail}."
+
+
 def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]], toy: bool,
                    logs: dict[str, pd.DataFrame | None], world_def: World | None = None) -> Table:
+    """One row per experiment with metrics at each level; the levels without one are named under the table."""
     rows = []
-    for label, group in members or [(NOT_RUN, [])]:
-        for e in group or [None]:
-            row = {ab.column: label, "experiment": NOT_RUN if e is None else e.name,
-                   **_metric_cells(e, toy, world_def)}
+    for label, group in members:
+        for e in (e for e in group if ran(e)):
+            row = {ab.column: label, "experiment": e.name, **_metric_cells(e, toy, world_def)}
             if ab.name == "noise":
-                row["grad norm"] = NOT_RUN if e is None else _tail_mean(logs.get(e.name), "grad_norm_gen")
+                row["grad norm"] = _tail_mean(logs.get(e.name), "grad_norm_gen")
             rows.append(row)
-    return Table(f"{world}_{ab.name}", f"{world}: {ab.title}", pd.DataFrame(rows, dtype=object), ab.note)
+    missing = [_not_run_label(label, group) for label, group in members if not any(ran(e) for e in group)]
+    if missing and ab.name == "K":  # 'K = 1, 2, 8, 16', not bare numbers
+        missing = ["K = " + ", ".join(missing)]
+    return Table(f"{world}_{ab.name}", f"{world}: {ab.title}", pd.DataFrame(rows, dtype=object), ab.note,
+                 not_run_line(missing, ab.others))
 
 
 def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]],
                toy: bool, world_def: World | None = None, floor: dict[str, Any] | None = None) -> Table:
     """Teacher, Diff-Instruct and EMD-K rows; ``floor`` (noise_floor's record) adds the real-vs-real row."""
-    rows = []
+    rows, missing = [], []
 
-    def add(method: str, e: Entry | None, nfe: Any) -> None:
-        rows.append({"method": method, "experiment": NOT_RUN if e is None else e.name, "NFE": nfe,
-                     **_metric_cells(e, toy, world_def),
-                     metric_name("samples_per_s", world_def): NOT_RUN if e is None else e.get("samples_per_s")})
+    def add(method: str, e: Entry, nfe: Any) -> None:
+        rows.append({"method": method, "experiment": e.name, "NFE": nfe, **_metric_cells(e, toy, world_def),
+                     metric_name("samples_per_s", world_def): e.get("samples_per_s")})
 
     if floor is not None:
         rec = Entry("-", "floor", world, {}, floor)
@@ -219,48 +285,61 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
                      "NFE": "-", **_metric_cells(rec, toy, world_def), metric_name("samples_per_s", world_def): "-"})
 
     for t in (e for e in entries if e.kind == "teacher"):
-        nfe = t.get("nfe") if is_number(t.get("nfe")) else t.setting["nfe"]
-        add(f"Teacher ({nfe:g} NFE)", t, nfe)
+        if ran(t):
+            nfe = t.get("nfe") if is_number(t.get("nfe")) else t.setting["nfe"]
+            add(f"Teacher ({nfe:g} NFE)", t, nfe)
+        else:
+            missing.append(_not_run_label("Teacher", [t]))
     dis = [e for e in entries if e.kind == "experiment" and e.setting["method"] == "diff_instruct"]
-    for e in dis or [None]:
+    for e in (e for e in dis if ran(e)):
         add("Diff-Instruct (K=1)", e, 1)
-    emd = [(k, e) for k, group in k_members for e in group]
+    if not any(ran(e) for e in dis):
+        missing.append(_not_run_label("Diff-Instruct (K=1)", dis))
+    emd = [(k, e) for k, group in k_members for e in group if ran(e)]
     for k, e in emd:
         add(f"EMD-{k}", e, 1)
-    if not emd:
-        add("EMD-K", None, 1)
+    missing += [_not_run_label(f"EMD-{k}", group) for k, group in k_members
+                if group and not any(ran(e) for e in group)]  # the suite's K without metrics
+    if not any(group for _, group in k_members):
+        missing.append("EMD-K")
     note = "EMD-K rows: the world's reference EMD setting at each K that the suite runs."
     if floor is not None:
         note += (f" Noise floor: {floor['count']:,} training-split points against the held-out reference set "
                  "through the same metrics; no model can be told apart from the data below it.")
     return Table(f"{world}_main", f"{world}: one-step students against the teacher",
-                 pd.DataFrame(rows, dtype=object), note)
+                 pd.DataFrame(rows, dtype=object), note, not_run_line(missing))
 
 
 def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]]) -> Table:
-    rows = []
-    dis = [e for e in entries if e.kind == "experiment" and e.setting["method"] == "diff_instruct"]
-    for e in dis or [None]:
-        rows.append(("Diff-Instruct", 1, e))
-    rows += [(f"EMD-{k}", k, e) for k, group in k_members for e in group or [None]]
+    all_dis = [e for e in entries if e.kind == "experiment" and e.setting["method"] == "diff_instruct"]
+    dis = [e for e in all_dis if ran(e)]
+    rows = [("Diff-Instruct", 1, e) for e in dis]
+    missing = [] if dis else [_not_run_label("Diff-Instruct", all_dis)]
+    emd_missing = []
+    for k, group in k_members:
+        done = [e for e in group if ran(e)]
+        rows += [(f"EMD-{k}", k, e) for e in done]
+        if not done:
+            emd_missing.append(_not_run_label(f"EMD-{k}", group))
+    if emd_missing:
+        missing.append(", ".join(emd_missing) + " (the paper's other K)")
     base = next((e.get("sec_per_iter") for e in dis if is_number(e.get("sec_per_iter"))), None)
 
-    def rel(e: Entry | None) -> Any:
-        v = NOT_RUN if e is None else e.get("sec_per_iter")
-        return v / base if isinstance(v, (int, float)) and base else (NOT_RUN if v == NOT_RUN else None)
+    def rel(e: Entry) -> Any:
+        v = e.get("sec_per_iter")
+        return v / base if isinstance(v, (int, float)) and base else None
 
     frame = pd.DataFrame(dtype=object, data=[
-        {"method": m, "K": k, "experiment": NOT_RUN if e is None else e.name,
-         metric_name("sec_per_iter", ""): NOT_RUN if e is None else e.get("sec_per_iter"),
-         "E-step sec/iter": NOT_RUN if e is None else e.get("sec_per_iter_estep"),
-         "x Diff-Instruct": rel(e)} for m, k, e in rows])
+        {"method": m, "K": k, "experiment": e.name, metric_name("sec_per_iter", ""): e.get("sec_per_iter"),
+         "E-step sec/iter": e.get("sec_per_iter_estep"), "x Diff-Instruct": rel(e)} for m, k, e in rows])
     return Table(f"{world}_cost", f"{world}: training cost per iteration", frame,
-                 "Mean over the last 10% of iterations of score + E-step + M-step time (summary.json).")
+                 "Mean over the last 10% of iterations of score + E-step + M-step time (summary.json).",
+                 not_run_line(missing))
 
 
 def experiments_table(world: str, entries: Sequence[Entry], toy: bool, world_def: World | None = None) -> Table:
     rows = []
-    for e in (e for e in entries if e.kind == "experiment"):
+    for e in (e for e in entries if e.kind == "experiment" and ran(e)):
         s = e.setting
         cancel = "injected + initial" if s["cancel_noise"] and s["cancel_initial"] else \
             "injected only" if s["cancel_noise"] else "none"
@@ -270,43 +349,69 @@ def experiments_table(world: str, entries: Sequence[Entry], toy: bool, world_def
                      "iterations": s["iterations"], **_metric_cells(e, toy, world_def),
                      **({metric_name("nll", world_def): e.get("nll")} if toy else {}),
                      metric_name("samples_per_s", world_def): e.get("samples_per_s"),
-                     metric_name("sec_per_iter", world_def): e.get("sec_per_iter"),
-                     "status": "ok" if e.record is not None else NOT_RUN})
+                     metric_name("sec_per_iter", world_def): e.get("sec_per_iter")})
     note = "NLL: -mean log p(x) of the samples under the true mixture, in nats." if toy else ""
-    return Table(f"{world}_experiments", f"{world}: every experiment of the suite",
-                 pd.DataFrame(rows, dtype=object), note)
+    missing = [_not_run_label(e.name) for e in entries if e.kind == "experiment" and not ran(e)]
+    return Table(f"{world}_experiments", f"{world}: every experiment of the suite with metrics",
+                 pd.DataFrame(rows, dtype=object), note, not_run_line(missing, "in the suite, no metrics"))
 
 
 def paper_tables(params: Params, worlds: Sequence[str], world_tables: dict[str, dict[str, Any]]) -> list[Table]:
     """The EMD paper's reported numbers beside ours, then the other methods' numbers, each with its source.
 
     mct/data/paper_numbers.csv keeps numbers as published (strings: 2.20, 6.0); ``from_emd_paper`` says whether
-    the EMD paper reports the row itself. Ours is 'not run' unless the suite has a matching (Inception) world.
+    the EMD paper reports the row itself. Ours is '-' unless the suite has a matching (Inception) world that ran
+    the method; the line under each table names the paper-scale rows that this suite does not run.
     """
     paper = pd.read_csv(PAPER_NUMBERS, dtype=str, keep_default_na=False)
     own, other = [], []
+    not_here: dict[bool, list[tuple[str, str]]] = {True: [], False: []}  # from_emd_paper -> (method, dataset)
     for r in paper.itertuples(index=False):
         world = _paper_world(params, worlds, r.dataset)
-        ours: Any = NOT_RUN
+        ours: Any = "-"
         if world is not None:
             ours = _ours(r.method, world_tables[world])
-        elif not _ours_method(r.method):
+        elif _ours_method(r.method):
+            ours = NOT_RUN
+        if ours == NOT_RUN:  # a row of ours that this suite does not run: no cell, a name in the line
             ours = "-"
+            not_here[r.from_emd_paper == "yes"].append((r.method, r.dataset))
         row = {"dataset": r.dataset, "method": r.method, "NFE": r.nfe or None,
                f"FID {DOWN} (reported)": r.fid, f"FID {DOWN} (ours)": ours, "source": r.source}
         (own if r.from_emd_paper == "yes" else other).append(row)
-    legend = "'-': a method this project does not implement. 'not run': the suite has no such world."
+    legend = ("'-' (ours): a method this project does not implement, or a row this suite does not run (named "
+              "under the table).")
     return [Table("paper", "Paper-scale results: the EMD paper's numbers beside ours", pd.DataFrame(own, dtype=object),
-                  legend),
+                  legend, _paper_not_run(params, not_here[True])),
             Table("paper_other", "Other methods, other sources (not rows of the EMD paper)",
                   pd.DataFrame(other, dtype=object),
                   "Numbers read from the paper named in 'source' (DMD: Yin et al. 2024; sCM: Lu & Song 2024), "
-                  "for context; they are not the EMD paper's comparison rows. " + legend)]
+                  "for context; they are not the EMD paper's comparison rows. " + legend,
+                  _paper_not_run(params, not_here[False]))]
+
+
+def _planning_suites(params: Params, datasets: Sequence[str]) -> list[str]:
+    """The suites of params that run a world of one of the paper's ``datasets`` (params order)."""
+    from mct.worlds.registry import make_world
+
+    worlds = {w for w in params.worlds if make_world(w, params.worlds[w]).paper_dataset in set(datasets)}
+    return [s for s in params.suites if worlds & set(params.suite_worlds(s))]
+
+
+def _paper_not_run(params: Params, rows: Sequence[tuple[str, str]], why: str = "") -> str:
+    """The line under a paper-scale table: its rows of ours (method, dataset) that this suite does not run."""
+    if not rows:
+        return ""
+    suites = _planning_suites(params, [d for _, d in rows])
+    plan = (f"suite{'s' if len(suites) > 1 else ''} {', '.join(suites)} plan{'' if len(suites) > 1 else 's'} "
+            f"{'them' if len(rows) > 1 else 'it'}" if suites else "no suite of params.yaml plans them")
+    return (f"Not run here: {'; '.join(f'{m} on {d}' for m, d in rows)} "
+            f"({why or 'paper-scale rows: they need a GPU cluster'}; {plan}).")
 
 
 T2I_DATASET = "COCO-2014 30k, SD v1.5"
-T2I_NOT_RUN = ("not run: the paper's protocol needs Stable Diffusion v1.5's weights, COCO-2014 and a multi-GPU "
-               "cluster (DMD trained on 72 GPUs); suite t2i_sd15 plans it")
+T2I_WHY = ("the paper's protocol needs Stable Diffusion v1.5's weights, COCO-2014 and a multi-GPU cluster: DMD "
+           "trained on 72 GPUs")
 
 
 def text_to_image_table(params: Params, worlds: Sequence[str], world_tables: dict[str, dict[str, Any]]) -> Table:
@@ -316,12 +421,14 @@ def text_to_image_table(params: Params, worlds: Sequence[str], world_tables: dic
 
     paper = pd.read_csv(PAPER_NUMBERS, dtype=str, keep_default_na=False)
     paper_world = _paper_world(params, worlds, T2I_DATASET)
-    rows = []
+    rows, not_here, no_metrics = [], [], []
     for r in paper[paper.dataset == T2I_DATASET].itertuples(index=False):
-        if not _ours_method(r.method):
-            ours: Any = "-"  # a method this project does not implement (DMD)
-        else:
-            ours = T2I_NOT_RUN if paper_world is None else _ours(r.method, world_tables[paper_world])
+        ours: Any = "-"  # a method this project does not implement (DMD), or not run here (named under the table)
+        if _ours_method(r.method):
+            ours = NOT_RUN if paper_world is None else _ours(r.method, world_tables[paper_world])
+            if ours == NOT_RUN:
+                ours = "-"
+                not_here.append((r.method, r.dataset))
         rows.append({"world": paper_world or "-", "method": r.method, "NFE": r.nfe or None,
                      f"FID {DOWN} (reported)": r.fid, f"FID {DOWN} (ours)": ours, f"CLIP score {UP} (ours)": "-",
                      "source": r.source})
@@ -330,16 +437,20 @@ def text_to_image_table(params: Params, worlds: Sequence[str], world_tables: dic
         if "clip_score" not in world.conditional_metric_keys or w == paper_world:
             continue
         for e in world_tables[w]["entries"]:
+            if not ran(e):
+                no_metrics.append(e.name)
+                continue
             method = "teacher" if e.kind == "teacher" else e.setting.get("method", "")
             rows.append({"world": w, "method": f"{method} ({e.name}; not the paper's protocol)",
-                         "NFE": e.get("nfe") if e.record else None, f"FID {DOWN} (reported)": "-",
-                         f"FID {DOWN} (ours)": e.get("fid") if e.record else NOT_RUN,
-                         f"CLIP score {UP} (ours)": e.get("clip_score") if e.record else NOT_RUN, "source": "-"})
+                         "NFE": e.get("nfe"), f"FID {DOWN} (reported)": "-", f"FID {DOWN} (ours)": e.get("fid"),
+                         f"CLIP score {UP} (ours)": e.get("clip_score"), "source": "-"})
+    missing = " ".join(x for x in (_paper_not_run(params, not_here, T2I_WHY), not_run_line(
+        no_metrics, "text2image runs of the suite without metrics")) if x)
     return Table("text_to_image", "Text-to-image: zero-shot COCO-2014 30k (the paper's rows) and our text2image "
                  "worlds", pd.DataFrame(rows, dtype=object),
                  "FID: clean-fid Inception ('clean' mode) of 256-px centre crops (Lanczos) of the generations against "
                  "the same crops of the captions' val2014 images. Rows of a world that is not the paper's protocol "
-                 "(fewer prompts, a tiny random-weight model) test the pipeline, not the method.")
+                 "(fewer prompts, a tiny random-weight model) test the pipeline, not the method.", missing)
 
 
 def _paper_world(params: Params, worlds: Sequence[str], dataset: str) -> str | None:

@@ -1,5 +1,5 @@
-"""The report stage on fixture metrics, logs and samples: tables, not-run rows, determinism, atomic writes,
-and the HTML page opened in a real headless Chromium."""
+"""The report stage on fixture metrics, logs and samples: tables (real rows only; what did not run is named in a
+line), determinism, atomic writes, and the HTML page opened in a real headless Chromium."""
 
 from __future__ import annotations
 
@@ -138,6 +138,19 @@ def table(root: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(root / "reports" / "tables" / f"{name}.csv", dtype=str, keep_default_na=False)
 
 
+def after_table(md: str, title: str) -> str:
+    """The paragraph of index.md directly under the table titled ``title``."""
+    blocks = md.split("\n\n")
+    i = blocks.index(f"**{title}**")
+    assert blocks[i + 1].startswith("|")  # the table itself
+    return blocks[i + 2]
+
+
+def md_cells(md: str) -> list[str]:
+    """Every cell of every table of index.md."""
+    return [c.strip() for line in md.splitlines() if line.startswith("| ") for c in line.strip("|").split(" | ")]
+
+
 def test_main_table_rows_and_columns(built):
     root, _, index = built
     assert index == root / "reports" / "index.html"
@@ -155,36 +168,105 @@ def test_main_table_rows_and_columns(built):
     assert main["modes covered \u2191"][0] == "25/25" and main["modes covered \u2191"][3] == "23/25"
     digits = table(root, "digits_main")
     assert "FD (digits classifier) \u2193" in digits.columns and "modes covered \u2191" not in digits.columns
-    # The digits teacher has no metrics file: its row is there, not run, NFE from params (10 Heun steps).
-    assert list(digits.iloc[0]) == ["Teacher (19 NFE)", "digits_conv", "19"] + [NOT_RUN] * 4
+    # The digits teacher has no metrics file: no row; the line under the table names it.
+    assert list(digits.method) == ["Diff-Instruct (K=1)", "EMD-8"] and "digits_conv" not in set(digits.experiment)
+    md = (root / "reports" / "index.md").read_text()
+    assert after_table(md, "digits: one-step students against the teacher") == \
+        "Not run in this suite: Teacher (digits_conv: no metrics)."
+    assert after_table(md, "toy2d: one-step students against the teacher").startswith("EMD-K rows:")  # all ran
 
 
 def test_ablation_tables_hold_one_factor_at_a_time(built):
     root, _, _ = built
+    md = (root / "reports" / "index.md").read_text()
+    # Rows are the levels that ran; the paper's other levels are one line under the table, from the same lists.
     space = table(root, "toy2d_space")
-    assert list(space["sampling space"]) == ["(eps, z)", "(x, z)", "eps", "x"]
-    assert list(space.experiment) == ["tiny_emd", "tiny_xz", NOT_RUN, NOT_RUN]
-    assert list(space["FD (2-D) \u2193"]) == ["3.0", "4.0", NOT_RUN, NOT_RUN]
+    assert list(space["sampling space"]) == ["(eps, z)", "(x, z)"]
+    assert list(space.experiment) == ["tiny_emd", "tiny_xz"]
+    assert list(space["FD (2-D) \u2193"]) == ["3.0", "4.0"]
+    assert after_table(md, "toy2d: Sampling space of the E-step") == \
+        "Not run in this suite: eps, x (the paper's other sampling spaces)."
     noise = table(root, "toy2d_noise")
-    assert list(noise.cancellation) == ["none", "injected only", "injected + initial"]
-    assert list(noise.experiment) == ["tiny_nocancel", NOT_RUN, "tiny_emd"]
+    assert list(noise.cancellation) == ["none", "injected + initial"]
+    assert list(noise.experiment) == ["tiny_nocancel", "tiny_emd"]
+    assert after_table(md, "toy2d: Noise cancellation") == \
+        "Not run in this suite: injected only (the paper's other cancellation settings)."
     # grad norm: mean of the last 10% (3 of 30) logged values; tiny_emd logs 1 + it/10, tiny_nocancel twice.
-    assert float(noise["grad norm"][2]) == pytest.approx(1 + 28 / 10)
+    assert float(noise["grad norm"][1]) == pytest.approx(1 + 28 / 10)
     assert float(noise["grad norm"][0]) == pytest.approx(2 * (1 + 28 / 10))
-    assert table(root, "digits_noise")["grad norm"][2] == "no log"  # dg_emd ran, but left no log.jsonl
     k = table(root, "toy2d_K")
-    assert list(k.K) == ["1", "2", "4", "8", "16"]  # the paper's levels; Diff-Instruct (gamma_z=0) is not K=1
-    assert list(k.experiment) == [NOT_RUN, NOT_RUN, "tiny_emd", "tiny_emd_k8", NOT_RUN]
-    init = table(root, "toy2d_init")
-    assert list(init.experiment) == ["tiny_emd", "tiny_scratch"]
-    assert list(init["FD (2-D) \u2193"]) == ["3.0", NOT_RUN]  # configured, metrics file missing
-    steps = table(root, "toy2d_step_size")
-    assert list(steps["step sizes"]) == ["gamma_eps=0.3, gamma_z=0.02"]
+    assert list(k.K) == ["4", "8"]  # Diff-Instruct (gamma_z=0) is not K=1
+    assert list(k.experiment) == ["tiny_emd", "tiny_emd_k8"]
+    assert after_table(md, "toy2d: Number of Langevin steps K") == \
+        "Not run in this suite: K = 1, 2, 16 (the paper's other K)."
+    # Nothing varied (tiny_scratch is configured but has no metrics; one step size): a line, no table, no files.
+    tables = root / "reports" / "tables"
+    for name in ("toy2d_init", "toy2d_step_size", "digits_space", "digits_noise", "digits_K", "digits_init",
+                 "digits_step_size"):
+        assert not (tables / f"{name}.csv").exists() and not (tables / f"{name}.tex").exists(), name
+        assert f"tables/{name}." not in md and f"tables/{name}." not in (root / "reports" / "index.html").read_text()
+    paras = md.split("\n\n")
+    assert "toy2d: no initialisation ablation in this suite (only the reference setting ran)." in paras
+    assert "toy2d: no step-size ablation in this suite (only the reference setting ran)." in paras
+    # digits runs one EMD setting; the line names the world of the report that carries the ablation.
+    assert "digits: no sampling-space ablation in this suite (only the reference setting ran); toy2d carries it." \
+        in paras
+    assert "digits: no K ablation in this suite (only the reference setting ran); toy2d carries it." in paras
+    assert "digits: no initialisation ablation in this suite (only the reference setting ran)." in paras
     cost = table(root, "toy2d_cost")
-    assert list(cost.method) == ["Diff-Instruct", "EMD-1", "EMD-2", "EMD-4", "EMD-8", "EMD-16"]
+    assert list(cost.method) == ["Diff-Instruct", "EMD-4", "EMD-8"]
     # sec_per_iter fixtures: tiny_di 0.01, tiny_emd 0.02, tiny_emd_k8 0.03
-    assert [float(cost["x Diff-Instruct"][i]) for i in (0, 3, 4)] == pytest.approx([1.0, 2.0, 3.0])
-    assert cost["x Diff-Instruct"][1] == NOT_RUN
+    assert [float(v) for v in cost["x Diff-Instruct"]] == pytest.approx([1.0, 2.0, 3.0])
+    assert after_table(md, "toy2d: training cost per iteration") == \
+        "Not run in this suite: EMD-1, EMD-2, EMD-16 (the paper's other K)."
+    exps = table(root, "toy2d_experiments")
+    assert "tiny_scratch" not in set(exps.experiment) and "status" not in exps.columns
+    assert after_table(md, "toy2d: every experiment of the suite with metrics") == \
+        "Not run in this suite: tiny_scratch (in the suite, no metrics)."
+
+
+def test_no_table_holds_a_not_run_cell(built):
+    """A partial suite (a teacher and an experiment without metrics, most ablation levels absent): no cell of any
+    table, in index.md or in any CSV/TeX file, says 'not run'; the page's first line names what has no metrics."""
+    root, _, _ = built
+    out = root / "reports"
+    md = (out / "index.md").read_text()
+    cells = md_cells(md)
+    assert len(cells) > 200 and not [c for c in cells if NOT_RUN in c]
+    for f in sorted((out / "tables").iterdir()):
+        assert NOT_RUN not in f.read_text(), f.name
+    title, toc, first = md.split("\n\n")[:3]
+    assert title.startswith("# ") and toc.startswith("- [Claims](#claims)")
+    assert first == ("8 of 10 teachers and experiments of the suite have metrics; no metrics, so in no table: "
+                     "digits_conv, tiny_scratch. Machine-readable metrics: metrics.json.")
+    prov = table(root, "provenance")
+    assert "tiny_scratch" not in set(prov.run) and "digits_conv" not in set(prov.run)
+
+
+def test_ablation_line_and_rows_from_entries():
+    """The table/line decision on hand-made entries: a level with a configured run but no metrics is named with
+    it; a run without log.jsonl shows 'no log'; a single level that is not the reference says which ran."""
+    from mct import report_tables as rt
+
+    base = {"method": "emd", "space": "eps_z", "cancel_noise": True, "cancel_initial": True, "K": 8,
+            "init": "teacher", "gamma_eps": 0.3, "gamma_z": 0.01, "teacher": "t", "iterations": 10,
+            "batch_size": 4, "estep_teacher": "network"}
+    rec = {"fid": 1.0, "precision": 0.5, "recall": 0.5}
+    es = [report.Entry("ref", "experiment", "w", dict(base), rec),
+          report.Entry("none", "experiment", "w", {**base, "cancel_noise": False}, None)]
+    ref = report.reference_setting(es)
+    noise = next(ab for ab in rt.ABLATIONS if ab.name == "noise")
+    members = report.ablation_members(noise, ref, es)
+    assert not rt.ablation_varied(members)
+    t = rt.ablation_table("w", noise, members, False, {})
+    assert list(t.frame.experiment) == ["ref"] and list(t.frame["grad norm"]) == ["no log"]
+    assert t.missing == ("Not run in this suite: none (none: no metrics), injected only (the paper's other "
+                         "cancellation settings).")
+    assert rt.ablation_line("w", noise, members, ref, ["w", "a", "b"]) == \
+        "w: no noise-cancellation ablation in this suite (only the reference setting ran); a and b carry it."
+    es[1].record, es[0].record = rec, None  # only the non-reference level has metrics
+    assert rt.ablation_line("w", noise, report.ablation_members(noise, ref, es), ref, []) == \
+        "w: no noise-cancellation ablation in this suite (only cancellation none ran)."
 
 
 def test_paper_table(built, tmp_path):
@@ -193,7 +275,12 @@ def test_paper_table(built, tmp_path):
     rep, ours_col = "FID \u2193 (reported)", "FID \u2193 (ours)"
     assert list(paper.columns) == ["dataset", "method", "NFE", rep, ours_col, "source"]
     emd64 = paper[(paper.dataset == "ImageNet 64x64") & (paper.method == "EMD-8")].iloc[0]
-    assert (emd64[rep], emd64[ours_col]) == ("2.20", NOT_RUN)  # published precision; no ImageNet in 'report'
+    assert (emd64[rep], emd64[ours_col]) == ("2.20", "-")  # published precision; no ImageNet in 'report'
+    md = (root / "reports" / "index.md").read_text()
+    # The paper's numbers stay; ours not run is one line under the table, not a column of 'not run'.
+    assert after_table(md, "Paper-scale results: the EMD paper's numbers beside ours") == (
+        "Not run here: EMD-8 on ImageNet 64x64; EMD-16 on ImageNet 128x128; EMD on COCO-2014 30k, SD v1.5 "
+        "(paper-scale rows: they need a GPU cluster; suite paper plans them).")
     assert paper[paper.method == "EMD-16"].iloc[0][rep] == "6.0"
     # Only the EMD paper's own rows sit in its table; every other number names the paper it was read from.
     assert set(paper.source.str.startswith("Xie et al. 2024")) == {True}
@@ -203,13 +290,15 @@ def test_paper_table(built, tmp_path):
     assert other[other.method == "Diff-Instruct"].iloc[0].source == "Yin et al. 2024, DMD, arXiv 2311.18828, Table 1"
     # A suite with an ImageNet-64 world fills 'ours' for the methods it runs; ImageNet 128 stays not run.
     build_report(params, "paper", tmp_path, reports_in=root / "reports", runs_dir=root / "runs")
+    assert after_table((tmp_path / "index.md").read_text(), "Paper-scale results: the EMD paper's numbers beside "
+                       "ours").startswith("Not run here: EMD-16 on ImageNet 128x128; EMD on COCO-2014 30k, SD v1.5 (")
     ours = pd.concat([pd.read_csv(tmp_path / "tables" / f"{n}.csv", dtype=str, keep_default_na=False)
                       for n in ("paper", "paper_other")])
     by = dict(zip(zip(ours.dataset, ours.method, strict=True), ours[ours_col], strict=True))
     assert by[("ImageNet 64x64", "EMD-8")] == "2.5"
     assert by[("ImageNet 64x64", "Diff-Instruct")] == "5.5"
     assert by[("ImageNet 64x64", "EDM teacher")] == "2.3"
-    assert by[("ImageNet 128x128", "EMD-16")] == NOT_RUN
+    assert by[("ImageNet 128x128", "EMD-16")] == "-"
     in64 = pd.read_csv(tmp_path / "tables" / "imagenet64_main.csv", dtype=str, keep_default_na=False)
     assert "FID \u2193" in in64.columns  # only Inception features make an FID
     assert (tmp_path / "figures" / "imagenet64_grid_in_emd.png").exists()  # RGB grids go through image_grid
@@ -243,7 +332,7 @@ def test_page_links_tables_and_figures(built):
     assert not (out / "figures" / "digits_grid_dg_di.png").exists()  # dg_di has no samples file
     assert "| Diff-Instruct (K=1) | tiny_di | 1 | 9 |" in md
     tex = (out / "tables" / "toy2d_space.tex").read_text()
-    assert tex.count("not run") == 2 * 6  # rows eps and x: experiment + 5 metric cells
+    assert "not run" not in tex and "Not run" not in tex  # the line under the table is the page's, not the file's
     assert "(eps, z)" in tex and r"\begin{tabular}" in tex
     assert (out / "experiments" / "tiny_emd.json").exists()  # the inputs beside the report are untouched
     assert not list(out.glob(".report-build.*"))
@@ -331,7 +420,9 @@ def test_html_in_headless_chromium(built, tmp_path):
     assert len(imgs) >= 9 and all(imgs.values()), [s for s, ok in imgs.items() if not ok]
     files = [a["href"] for a in result["links"] if a["target"] is None]
     anchors = [a for a in result["links"] if a["target"] is not None]
-    assert len(files) >= 2 * 17 and all((out / h).is_file() for h in files), files  # csv + tex per table
+    n_tables = (out / "index.md").read_text().count("\nFiles: [tables/")
+    assert n_tables >= 12 and len(files) == 2 * n_tables  # csv + tex per table
+    assert all((out / h).is_file() for h in files), files
     want = ["#claims", "#provenance", "#world-digits-digits", "#world-toy2d-toy2d", "#paper-scale-results"]
     assert [a["href"] for a in anchors] == want
     assert all(a["target"] for a in anchors)
@@ -375,8 +466,11 @@ def test_claims_table_and_generated_discussion(built, tmp_path, monkeypatch):
     assert md.index("## Claims") < md.index("## Provenance") < md.index("## World")
     assert md.count("Paper: more steps help.") == 1 and "Paper: eMD-K" not in md and "Paper: EMD-K" not in md
     k_table = md.index("**toy2d: Number of Langevin steps K**")
-    assert k_table < md.index("Paper: more steps help.") < md.index("**toy2d: Generator initialisation**")
+    assert k_table < md.index("Paper: more steps help.") < md.index("toy2d: no initialisation ablation")
     assert "1,500" not in md and "iterations against the paper's >= 100,000" in md
+    # The claims that no world of the suite could test are named in the note; tested ones are not.
+    assert "Not tested here (this suite has no data for them): 'Scratch'." in md
+    assert "faster convergence" not in md
 
 
 def test_provenance_is_from_git_not_the_clock(built):

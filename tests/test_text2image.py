@@ -175,7 +175,9 @@ def _check_outputs(root: Path, inputs: dict[str, str]) -> None:
     trec = json.loads((root / paths.teacher_metrics(TEACHER)).read_text())
     assert trec["nfe"] == 2 * 3 and np.isfinite(trec["fid"]) and 0 <= trec["clip_score"] <= 1  # 3 Heun NFE, guided
     table = (root / paths.REPORTS / "tables" / "text_to_image.csv").read_text()
-    assert "9.66" in table and "not run: the paper's protocol" in table and EXP in table
+    assert "9.66" in table and EXP in table and "not run" not in table  # ours not run: a line under the table
+    page = (root / paths.REPORTS / "index.md").read_text()
+    assert "Not run here: EMD on COCO-2014 30k, SD v1.5; " in page and "the paper's protocol needs" in page
 
 
 @pytest.mark.slow  # 277 s on the idle 2-core machine: CI runs it after the default suite (.ci/run)
