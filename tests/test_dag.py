@@ -53,6 +53,9 @@ def scratch_copy(dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         shutil.copy2(REPO / name, dst / name)
+    for pipeline in (REPO / "pipelines").glob("*/dvc.yaml"):  # each experiment's runs (workflow/dvc_yaml.py)
+        (dst / pipeline.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(pipeline, dst / pipeline.relative_to(REPO))
     ignore = shutil.ignore_patterns("__pycache__", "profiles", "*.pyc")
     shutil.copytree(REPO / "workflow", dst / "workflow", ignore=ignore)
     shutil.copytree(REPO / "mct", dst / "mct", ignore=ignore)
@@ -158,7 +161,9 @@ def parse_dry_run(text: str) -> dict[tuple[str, str | None], Stage]:
 
 
 def dvc_instance(params_file: Path, name: str) -> tuple[str, str | None]:
-    """DVC stage name (workflow/dvc_yaml.py's stage_name) -> (stage, instance), through the stage table."""
+    """DVC stage name (workflow/dvc_yaml.py's stage_name) -> (stage, instance), through the stage table. DVC
+    prefixes the stages of pipelines/<experiment>/dvc.yaml with that file ('pipelines/e/dvc.yaml:distill-e')."""
+    name = name.rpartition(":")[2]
     params = load_params(params_file)
     names = {f"{j.stage}-{j.name.replace('/', '-')}" if j.name else j.stage: (j.stage, j.name)
              for j in stages.jobs(params)}
