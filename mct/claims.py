@@ -119,6 +119,9 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return slope, (1.0 - float((resid ** 2).sum()) / ss_tot) if ss_tot > 0 else 1.0
 
 
+MIN_SWEEP = 3  # a slope over fewer points than this says too little about the trend
+
+
 def per_seed_effects(claim: Claim, compared: Sequence[str], records: pd.DataFrame) -> pd.DataFrame:
     """One row per seed shared by all ``compared`` experiments that has the metric everywhere: columns seed,
     effect (and r2 for 'linear')."""
@@ -144,8 +147,10 @@ def per_seed_effects(claim: Claim, compared: Sequence[str], records: pd.DataFram
     return pd.DataFrame(out, columns=["seed", "effect"] + (["r2"] if claim.kind == "linear" else []))
 
 
-def evaluate_claim(claim: Claim, world: str, records: pd.DataFrame) -> Result:
-    compared = tuple(claim.compare[world])
+def evaluate_claim(claim: Claim, world: str, records: pd.DataFrame,
+                   compared: Sequence[str] | None = None) -> Result:
+    """``compared``: the experiments to use (default: all the claim names for ``world``; a sweep may use part)."""
+    compared = tuple(claim.compare[world] if compared is None else compared)
     if claim.kind == "paired" and len(compared) != 2:
         raise ValueError(f"claim {claim.key!r}: a paired claim compares two experiments, got {compared}")
     eff = per_seed_effects(claim, compared, records)
@@ -162,13 +167,17 @@ def evaluate_claim(claim: Claim, world: str, records: pd.DataFrame) -> Result:
 def evaluate_claims(claims: Sequence[Claim], records: pd.DataFrame,
                     worlds: Sequence[str] | None = None) -> list[Result]:
     """Every (claim, world) pair whose world is in ``worlds`` (default: all the claim names) and whose
-    experiments all appear in ``records`` (experiments a suite does not run are no evidence either way)."""
+    experiments appear in ``records`` (experiments a suite does not run are no evidence either way): a paired
+    claim needs both, a sweep (slope, linear) at least MIN_SWEEP of its points and uses those."""
     present = set(records["experiment"]) if len(records) else set()
     out = []
     for c in claims:
         for w, compared in c.compare.items():
-            if (worlds is None or w in worlds) and set(compared) <= present:
-                out.append(evaluate_claim(c, w, records))
+            if worlds is not None and w not in worlds:
+                continue
+            have = [e for e in compared if e in present]
+            if len(have) == len(compared) or (c.kind != "paired" and len(have) >= MIN_SWEEP):
+                out.append(evaluate_claim(c, w, records, have))
     return out
 
 

@@ -227,7 +227,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     world = kinds[w]
     toy = bool(world.exact_metric_keys)  # mode-statistics columns
     ref = reference_setting(we)
-    logs = {e.name: read_log(src.log(e.name)) for e in we if e.kind == "experiment"}
+    logs = {e.name: read_log(src.log(e.shown_run)) for e in we if e.kind == "experiment"}
     members = {ab.name: ablation_members(ab, ref, we) for ab in ABLATIONS}
     exps = [e for e in we if e.kind == "experiment"]
     floor = noise_floor(world, exps[0].setting["eval_samples"], src.feature_net(w)) if exps else None
@@ -305,8 +305,8 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
         page.p(f"All {len(entries)} teachers and experiments of the suite have metrics. "
                "Machine-readable metrics: metrics.json.")
     ran_exps = [e for e in entries if e.kind == "experiment" and e.record is not None]
-    no_samples = sum(not src.samples(e.name).exists() for e in ran_exps)
-    no_logs = sum(not src.log(e.name).exists() for e in ran_exps)
+    no_samples = sum(not src.samples(e.shown_run).exists() for e in ran_exps)
+    no_logs = sum(not src.log(e.shown_run).exists() for e in ran_exps)
     if no_samples or no_logs:
         page.p(f"Inputs missing from this build: {no_samples} of {len(ran_exps)} evaluated experiments have no "
                f"samples file and {no_logs} no training log under {src.runs}/ (the runs' large outputs, kept in "

@@ -4,6 +4,7 @@ records for the claims engine, and the flat metrics.json record of each entry.
 Per experiment E and teacher T of the suite (a missing one shows as "not run"):
   <reports_in>/experiments/E.json, <reports_in>/teachers/T.json   (written by the evaluate stages)
   <runs>/experiments/E/distill/log.jsonl, <runs>/experiments/E/samples.npz
+(with seeds: E/seed<k>.json and <runs>/experiments/E/seed<k>/...; samples, logs and summaries of the first seed)
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class Entry:
     world: str
     setting: dict[str, Any]
     record: dict[str, Any] | None
+    runs: tuple[str, ...] = ()  # an experiment's runs (paths.run_name), one per seed; empty for teachers
+
+    @property
+    def shown_run(self) -> str:
+        """The run whose samples, log and summary the report shows for an experiment: its first seed's, or the
+        experiment itself when it runs once (its outputs are then not under a seed folder)."""
+        return self.runs[0] if self.runs else self.name
 
     def get(self, key: str) -> Any:
         """A metric: NOT_RUN without a record, None where the evaluator wrote null or nothing."""
@@ -106,8 +114,10 @@ def collect(params: Params, suite: str | None, src: Sources) -> list[Entry]:
                              read_json(src.teacher_metrics(t))))
     for e in params.suite_experiments(suite):
         exp = params.experiment(e)
+        seeds = params.experiment_seeds(e, suite)
         entries.append(Entry(e, "experiment", exp.world, experiment_setting(exp),
-                             read_experiment(e, params.experiment_seeds(e, suite), src.experiment_metrics)))
+                             read_experiment(e, seeds, src.experiment_metrics),
+                             tuple(paths.run_name(e, k) for k in seeds or ())))
     return entries
 
 

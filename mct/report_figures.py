@@ -148,7 +148,7 @@ def fig_toy_samples(world, entries: Sequence[Entry], src: Sources, path: Path, m
         pts = _teacher_points(src.teacher(name), world, tcfg, max_points)
         panels.append((f"teacher {name}\n{heun_nfe(tcfg.sampler_steps)} NFE", pts, "C2"))
     for e in (e for e in entries if e.kind == "experiment"):
-        s = _load_samples(src.samples(e.name))
+        s = _load_samples(src.samples(e.shown_run))
         panels.append((f"{e.name}\n{_method_label(e)}", None if s is None else s[0], "C0"))
     ncols = min(5, len(panels))
     fig, axes = new_figure(ncols, -(-len(panels) // ncols), size=(2.3, 2.45))
@@ -198,7 +198,7 @@ def fig_image_samples(world: str, entries: Sequence[Entry], src: Sources, figure
         ax.set_axis_off()
     names = []
     for ax, e in zip(axes, exps, strict=False):
-        s = None if e is None else _load_samples(src.samples(e.name))
+        s = None if e is None else _load_samples(src.samples(e.shown_run))
         shown = None if s is None else image_samples(*s)
         if shown is None or len(shown) == 0:
             _not_run(ax, "samples: " + NOT_RUN)

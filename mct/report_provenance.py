@@ -83,9 +83,10 @@ def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[
                          "% of paper budget": None, "seeds": t.seed, "eval samples": None, "eval seed": None,
                          "distill wall s": None, "wall time from": "-"})
             continue
-        summary = read_json(src.summary(e.name))
+        summary = read_json(src.summary(e.shown_run))
         if summary and is_number(summary.get("seconds_this_run")):
-            wall, how = summary["seconds_this_run"], "summary.json (last run)"
+            wall = summary["seconds_this_run"]
+            how = f"summary.json of {e.shown_run} (last run)" if e.runs else "summary.json (last run)"
         elif is_number(e.get("sec_per_iter")):
             wall, how = e.get("sec_per_iter") * s["iterations"], "estimate: sec/iter x iterations"
         else:

@@ -88,6 +88,19 @@ def test_slope_claim_per_seed_fit_in_log2_k():
     assert evaluate_claim(claim("higher", kind="slope", compare=sweep), "w", data).verdict == "contradicted"
 
 
+def test_a_sweep_uses_the_points_a_suite_ran_if_there_are_enough():
+    """A suite that runs K = 2, 4, 8 of the sweep 2..16 still tests the trend on those three (same exact slope);
+    with two points left it is no evidence, and a paired claim needs both of its experiments."""
+    rows = []
+    for s, slope in enumerate([-1.8, -2.0, -2.2]):
+        rows += [(f"k{k}", s, {"m": 5.0 + s + slope * math.log2(k), "K": k}) for k in (2, 4, 8)]
+    sweep = claim("lower", kind="slope", compare=("k2", "k4", "k8", "k16"))
+    (r,) = evaluate_claims([sweep], records(rows))
+    assert r.compared == ("k2", "k4", "k8") and r.n == 3 and r.mean == pytest.approx(-2.0)
+    assert evaluate_claims([sweep], records([r for r in rows if r[0] != "k8"])) == []
+    assert evaluate_claims([claim("lower", compare=("k2", "k16"))], records(rows)) == []
+
+
 def test_linear_claim_needs_a_good_fit():
     ks = (1, 2, 4, 8, 16)
     lin = records([(f"k{k}", s, {"m": 0.1 * (1 + s / 10) + 0.01 * k * (1 + s / 10), "K": k})
