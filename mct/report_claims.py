@@ -74,7 +74,8 @@ def discussion(results: Sequence[Any], table: str, world: str, entries: Sequence
                       (" (its E-step uses the exact analytic score)" if "analytic" in kinds else ""))
         if r.n < 3:
             causes.append(f"seeds: n={r.n}")
-        out.append(f"Paper: {c.text[0].lower() + c.text[1:]}. Ours ({world}, "
+        lead = c.text if c.text[1:2].isupper() else c.text[0].lower() + c.text[1:]  # 'EMD-K ...' keeps its case
+        out.append(f"Paper: {lead}. Ours ({world}, "
                    f"{plain_metric_name(metric_name(c.metric, world_def))}): {ours}. "
                    f"Likely causes to check: {'; '.join(causes)}.")
     return out

@@ -86,8 +86,32 @@ class Table:
         return self.frame.apply(lambda col: col.map(fmt)) if len(self.frame) else self.frame.astype(str)
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """A seed mean with its 95% Student-t interval (mct.aggregate): one cell, 'mean [lo, hi]'."""
+
+    mean: float
+    lo: float
+    hi: float
+
+    def __str__(self) -> str:
+        return f"{fmt(self.mean)} [{fmt(self.lo)}, {fmt(self.hi)}]"
+
+
+def with_interval(entry: Entry | None, key: str, value: Any) -> Any:
+    """``value`` with its interval when the entry aggregates several seeds (else the value alone)."""
+    rec = entry.record if entry is not None else None
+    if not rec or not is_number(value):
+        return value
+    lo, hi = rec.get(f"{key}_ci95_lo"), rec.get(f"{key}_ci95_hi")
+    return Estimate(float(value), float(lo), float(hi)) if is_number(lo) and is_number(hi) else value
+
+
 def fmt(v: Any) -> str:
-    """Cell text: strings stay, null -> 'n/a', floats to 4 significant digits, booleans yes/no."""
+    """Cell text: strings stay, null -> 'n/a', floats to 4 significant digits, booleans yes/no, a seed mean with
+    its interval as 'mean [lo, hi]'."""
+    if isinstance(v, Estimate):
+        return str(v)
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return NA
     if isinstance(v, (bool, np.bool_)):
@@ -102,7 +126,7 @@ def fmt(v: Any) -> str:
 def _metric_cells(entry: Entry | None, toy: bool, world_def: World | None = None) -> dict[str, Any]:
     """The quality columns of a row, headed by metric_name (``world_def``: the world; ``toy``: it has mode
     statistics)."""
-    get = (lambda k: NOT_RUN) if entry is None else entry.get
+    get = (lambda k: NOT_RUN) if entry is None else (lambda k: with_interval(entry, k, entry.get(k)))
     cells = {metric_name(k, world_def): get(k) for k in ("fid", "precision", "recall")}
     for k in world_def.conditional_metric_keys if world_def is not None else ():  # text2image: CLIP score
         cells[metric_name(k, world_def)] = get(k)
@@ -253,6 +277,10 @@ def ablation_line(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]
     return f"{world}: no {ab.noun} ablation in this suite ({why}){tail}."
 
 
+SEEDED_NOTE = (" A run over several seeds shows the seed mean and its 95% Student-t interval, 'mean [lo, hi]' (n: the "
+               "provenance table).")
+
+
 def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]], toy: bool,
                    logs: dict[str, pd.DataFrame | None], world_def: World | None = None) -> Table:
     """One row per experiment with metrics at each level; the levels without one are named under the table."""
@@ -266,8 +294,9 @@ def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry
     missing = [_not_run_label(label, group) for label, group in members if not any(ran(e) for e in group)]
     if missing and ab.name == "K":  # 'K = 1, 2, 8, 16', not bare numbers
         missing = ["K = " + ", ".join(missing)]
-    return Table(f"{world}_{ab.name}", f"{world}: {ab.title}", pd.DataFrame(rows, dtype=object), ab.note,
-                 not_run_line(missing, ab.others))
+    seeded = any(isinstance(v, Estimate) for row in rows for v in row.values())
+    return Table(f"{world}_{ab.name}", f"{world}: {ab.title}", pd.DataFrame(rows, dtype=object),
+                 (ab.note + SEEDED_NOTE).strip() if seeded else ab.note, not_run_line(missing, ab.others))
 
 
 def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]],
@@ -302,7 +331,7 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
                 if group and not any(ran(e) for e in group)]  # the suite's K without metrics
     if not any(group for _, group in k_members):
         missing.append("EMD-K")
-    note = "EMD-K rows: the world's reference EMD setting at each K that the suite runs."
+    note = "EMD-K rows: the world's reference EMD setting at each K that the suite runs." + SEEDED_NOTE
     if floor is not None:
         note += (f" Noise floor: {floor['count']:,} training-split points against the held-out reference set "
                  "through the same metrics; no model can be told apart from the data below it.")

@@ -24,3 +24,17 @@ def test_an_experiment_with_seeds_shows_its_first_seeds_samples_log_and_summary(
     once = {e.name: e for e in collect(plain, "smoke", src) if e.kind == "experiment"}["tiny_di"]
     assert once.runs == () and once.shown_run == "tiny_di"
     assert "seed3" not in src.samples(once.shown_run).parts
+
+
+def test_a_seeded_row_shows_its_interval_and_a_single_run_its_value():
+    """Table cells: mean [95% t-interval] where the record aggregates seeds (mct.aggregate's _ci95_lo/_hi keys),
+    the bare value otherwise; the CSV keeps the same text."""
+    from mct.report_collect import Entry
+    from mct.report_tables import Estimate, fmt, with_interval
+
+    seeded = Entry("e", "experiment", "w", {}, {"fid": 0.25, "fid_ci95_lo": 0.125, "fid_ci95_hi": 0.375})
+    once = Entry("f", "experiment", "w", {}, {"fid": 0.25})
+    cell = with_interval(seeded, "fid", seeded.get("fid"))
+    assert cell == Estimate(0.25, 0.125, 0.375) and fmt(cell) == "0.25 [0.125, 0.375]" == str(cell)
+    assert with_interval(once, "fid", once.get("fid")) == 0.25
+    assert with_interval(seeded, "recall", None) is None
