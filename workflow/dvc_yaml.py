@@ -95,8 +95,9 @@ def tracker_files(params: Params) -> tuple[list[str], list[dict]]:
 
 def pipeline_file(job: stages.Job) -> Path:
     """dvc.yaml for world, teacher and suite jobs; pipelines/<experiment>/dvc.yaml for the runs of an experiment."""
-    over = {st.name: st.over for st in stages.STAGES}[job.stage]
-    return DVC_FILE if over != "run" else PIPELINES / job.name.split("/")[0] / DVC_FILE.name
+    if stages.BY_NAME[job.stage].over != "run":
+        return DVC_FILE
+    return PIPELINES / job.name.split("/")[0] / DVC_FILE.name
 
 
 def render_files(params: Params) -> dict[Path, str]:
@@ -148,21 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is out of date")
     args = ap.parse_args(argv)
     root = Path(args.dvc).parent
-    texts = {root / f: t for f, t in render_files(load_params(args.params)).items()}
-    differ, extra = stale_files({f.relative_to(root): t for f, t in texts.items()}, root)
+    texts = render_files(load_params(args.params))  # paths from root
+    differ, extra = stale_files(texts, root)
     if args.check:
         for f in differ + extra:
             print(f"{root / f} is out of date with {args.params} or mct's imports; run: python workflow/dvc_yaml.py "
                   "--write", file=sys.stderr)
         return int(bool(differ or extra))
     if not args.write:
-        sys.stdout.write(texts[root / DVC_FILE])
+        sys.stdout.write(texts[DVC_FILE])
         return 0
     for f in differ:
         path = root / f
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(texts[path])
+        tmp.write_text(texts[f])
         tmp.replace(path)
         print(f"wrote {path}")
     for f in extra:  # an experiment left the suite: its pipeline file and lock go with it
