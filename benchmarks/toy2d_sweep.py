@@ -34,20 +34,22 @@ from mct.train import DivergenceError, distill
 from mct.worlds.registry import make_world
 
 TEACHERS = {"toy2d": "toy2d_mlp", "toy2d_skewed": "toy2d_skewed_mlp"}
-# name -> distill overrides of the toy2d template. Diff-Instruct is the K = 1, gamma_z = 0 corner.
+# name -> distill overrides of the toy2d template. Diff-Instruct is the K = 1, gamma_z = 0 corner. Every setting names
+# its cancellation scheme, so that a later template default cannot change what a setting means ('auto': linear where
+# z is fixed, where it is exact; antithetic where z moves).
 SETTINGS: dict[str, dict] = {
-    "di": {"K": 1, "gamma_z": 0.0},
-    "eps_k8": {"K": 8, "gamma_z": 0.0, "space": "eps"},
-    "shrink_k8": {"K": 8, "z_step": "shrink", "gamma_z": 0.005, "z_step_ref": 1.0},
+    "di": {"K": 1, "gamma_z": 0.0, "cancel_scheme": "auto"},
+    "eps_k8": {"K": 8, "gamma_z": 0.0, "space": "eps", "cancel_scheme": "auto"},
+    "shrink_k8": {"K": 8, "z_step": "shrink", "gamma_z": 0.005, "z_step_ref": 1.0, "cancel_scheme": "auto"},
     "shrink_k8_linear": {"K": 8, "z_step": "shrink", "gamma_z": 0.005, "z_step_ref": 1.0, "cancel_scheme": "linear"},
-    "curv_k1": {"K": 1, "z_step": "curvature", "gamma_z": 0.3},
-    "curv_k4": {"K": 4, "z_step": "curvature", "gamma_z": 0.3},
-    "curv_k8": {"K": 8, "z_step": "curvature", "gamma_z": 0.3},
-    "curv_k16": {"K": 16, "z_step": "curvature", "gamma_z": 0.3},
-    "curv_k8_g0.1": {"K": 8, "z_step": "curvature", "gamma_z": 0.1},
-    "curv_k8_g1": {"K": 8, "z_step": "curvature", "gamma_z": 1.0},
+    "curv_k1": {"K": 1, "z_step": "curvature", "gamma_z": 0.3, "cancel_scheme": "auto"},
+    "curv_k4": {"K": 4, "z_step": "curvature", "gamma_z": 0.3, "cancel_scheme": "auto"},
+    "curv_k8": {"K": 8, "z_step": "curvature", "gamma_z": 0.3, "cancel_scheme": "auto"},
+    "curv_k16": {"K": 16, "z_step": "curvature", "gamma_z": 0.3, "cancel_scheme": "auto"},
+    "curv_k8_g0.1": {"K": 8, "z_step": "curvature", "gamma_z": 0.1, "cancel_scheme": "auto"},
+    "curv_k8_g1": {"K": 8, "z_step": "curvature", "gamma_z": 1.0, "cancel_scheme": "auto"},
     "curv_k8_linear": {"K": 8, "z_step": "curvature", "gamma_z": 0.3, "cancel_scheme": "linear"},
-    "curv_k8_x_z": {"K": 8, "z_step": "curvature", "gamma_z": 0.3, "space": "x_z"},
+    "curv_k8_x_z": {"K": 8, "z_step": "curvature", "gamma_z": 0.3, "space": "x_z", "cancel_scheme": "auto"},
     "curv_k8_x_z_linear": {"K": 8, "z_step": "curvature", "gamma_z": 0.3, "space": "x_z", "cancel_scheme": "linear"},
 }
 METRICS = {"modes_covered": +1, "mode_tv": -1, "mode_precision": +1}  # +1: higher is better
@@ -56,17 +58,22 @@ FIELDS = ["world", "setting", "seed", "modes_covered", "mode_tv", "mode_precisio
 
 
 def experiment(params, world: str, overrides: dict, seed: int, iterations: int | None) -> ExperimentConfig:
-    distill_over = dict(overrides, seed=seed, checkpoint_every=10**6, log_with="none", eval_every=0)
+    """The toy2d template with ``overrides`` (distill keys, and student keys under "student")."""
+    distill_over = {k: v for k, v in overrides.items() if k != "student"}
+    distill_over.update(seed=seed, checkpoint_every=10**6, log_with="none", eval_every=0)
     if iterations:
         distill_over["iterations"] = iterations
     merged = deep_merge(params.templates["toy2d"], {"world": world, "teacher": TEACHERS[world],
+                                                    "student": overrides.get("student", {}),
                                                     "distill": distill_over})
     return build(ExperimentConfig, merged, f"sweep.{world}")
 
 
-def run_one(params, world_name: str, setting: str, seed: int, iterations: int | None, samples: int) -> dict:
+def run_one(params, world_name: str, setting: str, seed: int, iterations: int | None, samples: int,
+            overrides: dict | None = None) -> dict:
+    """Distil one (world, setting, seed) and score 20,000 samples; ``overrides`` default to SETTINGS[setting]."""
     world = make_world(world_name, params.worlds[world_name])
-    exp = experiment(params, world_name, SETTINGS[setting], seed, iterations)
+    exp = experiment(params, world_name, SETTINGS[setting] if overrides is None else overrides, seed, iterations)
     teacher = paths.teacher_file(TEACHERS[world_name])
     row = {"world": world_name, "setting": setting, "seed": seed}
     t0 = time.perf_counter()
@@ -83,10 +90,18 @@ def run_one(params, world_name: str, setting: str, seed: int, iterations: int | 
     m = world.mixture
     st = mode_statistics(x, m.means, m.weights, m.std)
     tail = log.tail(100)
-    return {**row, **{k: st[k] for k in METRICS}, "seconds": round(time.perf_counter() - t0, 1),
+    return {**row, **{k: st[k] for k in METRICS}, "mode_dist_median": mode_distance_median(x, m),
+            "seconds": round(time.perf_counter() - t0, 1),
             "sec_per_iter": summary["sec_per_iter"],
             **{k: float(tail[k].mean()) if k in tail else math.nan
                for k in ("z_move_rms", "z_moved_frac", "chains_reset_frac")}, "status": "ok"}
+
+
+def mode_distance_median(x: torch.Tensor, mixture) -> float:
+    """Median distance of the samples to their nearest mode, in mode standard deviations: sqrt(2 ln 2) = 1.18 for
+    exact samples, larger when the modes are widened or mass sits between them."""
+    d = torch.cdist(x.double(), torch.as_tensor(mixture.means, dtype=torch.float64)).min(dim=1).values
+    return float(d.median()) / mixture.std
 
 
 def t_interval(x: np.ndarray) -> tuple[float, float, float]:
@@ -105,7 +120,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     for (world, setting), grp in ok.groupby(["world", "setting"], sort=False):
         rec = {"world": world, "setting": setting, "n": len(grp),
                "diverged": int(((runs.world == world) & (runs.setting == setting) & (runs.status != "ok")).sum()),
-               "sec_per_iter": grp.sec_per_iter.mean()}
+               "sec_per_iter": grp["sec_per_iter"].mean() if "sec_per_iter" in grp else math.nan}
         base = ok[(ok.world == world) & (ok.setting == "di")].set_index("seed")
         wins = []
         for metric, sign in METRICS.items():
@@ -116,9 +131,47 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
                 d, dlo, dhi = t_interval(paired)
                 rec[f"{metric} - di"] = f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
                 wins.append(sign * dlo > 0 if sign > 0 else sign * dhi > 0)
+        if "mode_dist_median" in grp and grp["mode_dist_median"].notna().all():
+            mean, lo, hi = t_interval(grp["mode_dist_median"].to_numpy(float))
+            rec["mode_dist_median"] = f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
         rec["beats_di_on_all_three"] = (all(wins) if wins else "") if setting != "di" else ""
         rows.append(rec)
     return pd.DataFrame(rows)
+
+
+def pending(runs_csv: Path, worlds: list[str], settings: list[str], seeds: list[int], shard: str) -> list[tuple]:
+    """(world, setting, seed) not yet in runs_csv, seeds outermost (an interrupted sweep still has every setting on its
+    first seeds), every N-th from the I-th for shard 'I/N'."""
+    done = set()
+    if runs_csv.exists():
+        done = {(r.world, r.setting, int(r.seed)) for r in pd.read_csv(runs_csv).itertuples()}
+    todo = [(w, s, k) for k in seeds for s in settings for w in worlds if (w, s, k) not in done]
+    i, n = (int(v) for v in shard.split("/"))
+    return todo[i::n]
+
+
+def run_pending(todo: list[tuple], runs_csv: Path, fields: list[str], run) -> None:
+    """run(world, setting, seed) -> row for each of ``todo``, each row appended to runs_csv as it finishes."""
+    t_start = time.perf_counter()
+    for i, (w, s, k) in enumerate(todo):
+        row = run(w, s, k)
+        new = not runs_csv.exists()
+        with open(runs_csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        print(f"[{i + 1}/{len(todo)} {time.perf_counter() - t_start:.0f}s] {w} {s} seed {k}: "
+              + ", ".join(f"{m}={row.get(m)}" for m in (*METRICS, "seconds", "status")), flush=True)
+
+
+def write_summary(out: Path) -> pd.DataFrame:
+    """summary.csv and summary.md under ``out`` from its runs.csv."""
+    summary = summarise(pd.read_csv(out / "runs.csv"))
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(summary.to_markdown(index=False) + "\n")
+    print(summary.to_string(index=False))
+    return summary
 
 
 def main() -> None:
@@ -140,30 +193,10 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_csv = out / "runs.csv"
-    done = set()
-    if runs_csv.exists():
-        prev = pd.read_csv(runs_csv)
-        done = {(r.world, r.setting, int(r.seed)) for r in prev.itertuples()}
-    # seeds outermost: an interrupted sweep still has every setting on its first seeds
-    todo = [(w, s, int(k)) for k in a.seeds.split(",") for s in a.settings.split(",") for w in a.worlds.split(",")
-            if (w, s, int(k)) not in done]
-    shard, shards = (int(v) for v in a.shard.split("/"))
-    todo = todo[shard::shards]
-    t_start = time.perf_counter()
-    for i, (w, s, k) in enumerate(todo):
-        row = run_one(params, w, s, k, a.iterations, a.samples)
-        new = not runs_csv.exists()
-        with open(runs_csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        print(f"[{i + 1}/{len(todo)} {time.perf_counter() - t_start:.0f}s] {w} {s} seed {k}: "
-              + ", ".join(f"{m}={row.get(m)}" for m in (*METRICS, "seconds", "status")), flush=True)
-    summary = summarise(pd.read_csv(runs_csv))
-    summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(summary.to_markdown(index=False) + "\n")
-    print(summary.to_string(index=False))
+    todo = pending(runs_csv, a.worlds.split(","), a.settings.split(","), [int(k) for k in a.seeds.split(",")],
+                   a.shard)
+    run_pending(todo, runs_csv, FIELDS, lambda w, s, k: run_one(params, w, s, k, a.iterations, a.samples))
+    write_summary(out)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def experiment_setting(exp: ExperimentConfig) -> dict[str, Any]:
     d = exp.distill
     return {"method": exp.method_name, "space": d.space, "cancel_noise": d.cancel_noise,
             "cancel_initial": d.cancel_initial, "K": d.K, "init": exp.student.init, "gamma_eps": d.gamma_eps,
-            "gamma_z": d.gamma_z, "teacher": exp.teacher, "iterations": d.iterations,
+            "gamma_z": d.gamma_z, "z_step": d.z_step, "teacher": exp.teacher, "iterations": d.iterations,
             "batch_size": d.batch_size, "estep_teacher": d.estep_teacher, "seed": d.seed,
             "eval_samples": exp.eval.num_samples, "eval_seed": exp.eval.seed}
 

@@ -34,7 +34,7 @@ PAPER_K = (1, 2, 4, 8, 16)  # Langevin steps of the paper's K sweep and cost tab
 
 # Setting keys of an experiment: the ablated factors, then controls that must match for runs to be comparable.
 FACTOR_KEYS = ("space", "cancel_noise", "cancel_initial", "K", "init", "gamma_eps", "gamma_z")
-CONTROL_KEYS = ("teacher", "iterations", "batch_size", "estep_teacher")
+CONTROL_KEYS = ("teacher", "iterations", "batch_size", "estep_teacher", "z_step")
 SPACE_LABELS = {"eps_z": "(eps, z)", "x_z": "(x, z)", "eps": "eps", "x": "x"}
 PAPER_ITERATIONS = 100_000  # the paper's distillation budgets are at least this many iterations (ImageNet)
 
@@ -145,9 +145,9 @@ def reference_setting(entries: Sequence[Entry]) -> dict[str, Any] | None:
         return None
     ref = {}
     for k in FACTOR_KEYS + CONTROL_KEYS:
-        counts = Counter(s[k] for s in emd)
+        counts = Counter(s.get(k) for s in emd)
         best = max(counts.values())
-        ref[k] = next(s[k] for s in emd if counts[s[k]] == best)
+        ref[k] = next(s.get(k) for s in emd if counts[s.get(k)] == best)
     return ref
 
 
@@ -168,7 +168,7 @@ class Ablation:
 def _observed(ref: dict[str, Any], settings: list[dict[str, Any]], free: tuple[str, ...]) -> list[tuple]:
     """Values of the free keys among settings that match the reference everywhere else."""
     keys = [k for k in FACTOR_KEYS + CONTROL_KEYS if k not in free]
-    return [tuple(s[k] for k in free) for s in settings if all(s[k] == ref[k] for k in keys)]
+    return [tuple(s[k] for k in free) for s in settings if all(s.get(k) == ref.get(k) for k in keys)]
 
 
 def _k_levels(ref, settings):
@@ -182,6 +182,14 @@ def _step_levels(ref, settings):
     pairs = {(ref["gamma_eps"], ref["gamma_z"])} | set(_observed(ref, settings, ("gamma_eps", "gamma_z")))
     pairs = sorted(pairs)
     return [(f"gamma_eps={ge:g}, gamma_z={gz:g}", {"gamma_eps": ge, "gamma_z": gz}) for ge, gz in pairs]
+
+
+def _z_step_levels(ref, settings):
+    if ref is None:
+        return []
+    pairs = sorted({(ref.get("z_step"), ref["gamma_z"])} | set(_observed(ref, settings, ("z_step", "gamma_z"))),
+                   key=str)
+    return [(f"{zs}, gamma_z={gz:g}", {"z_step": zs, "gamma_z": gz}) for zs, gz in pairs]
 
 
 ABLATIONS = (
@@ -199,6 +207,10 @@ ABLATIONS = (
     Ablation("init", "Generator initialisation", "initialisation", ("init",),
              lambda ref, s: [("teacher", {"init": "teacher"}), ("scratch", {"init": "scratch"})],
              noun="initialisation", others="the paper's other initialisation"),
+    Ablation("z_step", "Scheme of the E-step's z step", "z step", ("z_step", "gamma_z"), _z_step_levels,
+             "shrink: gamma_z shrunk at small sigma by z_step_ref; curvature: gamma_z / (1 + lambda_max(J^T J) / "
+             "sigma^2) per chain. Each run's cancellation scheme is the one params.yaml gives it.",
+             noun="z-step", others="the suite's other z-step schemes"),
     Ablation("step_size", "Langevin step sizes", "step sizes", ("gamma_eps", "gamma_z"), _step_levels,
              noun="step-size", others="the suite's other step sizes"),
 )
@@ -213,8 +225,8 @@ def ablation_members(ab: Ablation, ref: dict[str, Any] | None,
     fixed = [k for k in FACTOR_KEYS + CONTROL_KEYS if k not in ab.free]
     out = []
     for label, values in ab.levels(ref, [e.setting for e in exps]):
-        members = [e for e in exps if all(e.setting[k] == ref[k] for k in fixed)
-                   and all(e.setting[k] == v for k, v in values.items())]
+        members = [e for e in exps if all(e.setting.get(k) == ref.get(k) for k in fixed)
+                   and all(e.setting.get(k) == v for k, v in values.items())]
         out.append((label, sorted(members, key=lambda e: e.name)))
     return out
 

@@ -121,12 +121,26 @@ def test_verdict_rejects_unknown_direction():
 
 def test_paper_claims_on_one_seed_records_are_inconclusive():
     """Today's metrics hold one seed per experiment: every claim the records can test says n=1."""
-    names = sorted({e for c in CLAIMS for comp in c.compare.values() for e in comp})
+    names = sorted({e for c in CLAIMS for _, comp in c.comparisons() for e in comp})
     data = records([(e, 0, {"fid": 1.0 + i, "recall": 0.5, "modes_covered": 20, "K": 2 ** (1 + i % 4),
                             "sec_per_iter": 0.01 * (1 + i % 4), "convergence_auc": 0.1}) for i, e in enumerate(names)])
     results = evaluate_claims(CLAIMS, data)
-    assert {(r.claim.key, r.world) for r in results} == {(c.key, w) for c in CLAIMS for w in c.compare}
+    assert ({(r.claim.key, r.world, r.compared) for r in results}
+            == {(c.key, w, comp) for c in CLAIMS for w, comp in c.comparisons()})
     assert {r.label for r in results} == {"inconclusive (n=1)"}
     assert evaluate_claims(CLAIMS, data, worlds=["digits"]) and all(
         r.world == "digits" for r in evaluate_claims(CLAIMS, data, worlds=["digits"]))
     assert evaluate_claims(CLAIMS, data[data.experiment != "toy2d_di"], worlds=["toy2d"])  # others remain
+
+
+def test_claim_with_two_comparisons_in_a_world_tests_each():
+    """A world may list several (A, B) pairs: each is evaluated on its own seeds, in order, and a pair whose
+    experiment the records lack is skipped rather than failing the other."""
+    c = Claim("two", "A beats B", "fid", "lower", {"w": (("a1", "b"), ("a2", "b"))})
+    assert c.comparisons() == [("w", ("a1", "b")), ("w", ("a2", "b"))]
+    data = records([(e, s, {"fid": v + s * 0.1}) for s in range(3)
+                    for e, v in (("a1", 1.0), ("a2", 3.0), ("b", 2.0))])
+    results = evaluate_claims([c], data)
+    assert [(r.compared, r.verdict) for r in results] == [(("a1", "b"), "reproduced"), (("a2", "b"), "contradicted")]
+    assert [r.compared for r in evaluate_claims([c], data[data.experiment != "a2"])] == [("a1", "b")]
+    assert evaluate_claim(c, "w", data).compared == ("a1", "b")  # the default is the first comparison

@@ -269,6 +269,29 @@ def test_ablation_line_and_rows_from_entries():
         "w: no noise-cancellation ablation in this suite (only cancellation none ran)."
 
 
+def test_z_step_ablation_keeps_schemes_apart():
+    """A curvature-z-step run is a level of the z-step ablation only: the step-size ablation and the K rows (which
+    hold z_step at the reference) must not take its gamma_z = 0.3 for a step size of the shrink scheme."""
+    from mct import report_tables as rt
+
+    base = {"method": "emd", "space": "eps_z", "cancel_noise": True, "cancel_initial": True, "K": 4,
+            "init": "teacher", "gamma_eps": 0.3, "gamma_z": 0.02, "z_step": "shrink", "teacher": "t",
+            "iterations": 10, "batch_size": 4, "estep_teacher": "network"}
+    rec = {"fid": 1.0, "precision": 0.5, "recall": 0.5}
+    es = [report.Entry("ref", "experiment", "w", dict(base), rec),
+          report.Entry("curv", "experiment", "w", {**base, "z_step": "curvature", "gamma_z": 0.3}, rec)]
+    ref = report.reference_setting(es)
+    assert ref["z_step"] == "shrink"  # a tie goes to the first experiment
+    by_name = {ab.name: ab for ab in rt.ABLATIONS}
+    z_members = report.ablation_members(by_name["z_step"], ref, es)
+    assert [(label, [e.name for e in g]) for label, g in z_members] == [
+        ("curvature, gamma_z=0.3", ["curv"]), ("shrink, gamma_z=0.02", ["ref"])]
+    assert rt.ablation_varied(z_members)
+    steps = report.ablation_members(by_name["step_size"], ref, es)
+    assert [e.name for _, g in steps for e in g] == ["ref"]
+    k_rows = report.ablation_members(by_name["K"], ref, es)
+    assert [e.name for _, g in k_rows for e in g] == ["ref"]
+
 def test_paper_table(built, tmp_path):
     root, params, _ = built
     paper, other = table(root, "paper"), table(root, "paper_other")
