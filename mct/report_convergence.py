@@ -95,7 +95,7 @@ def fig_convergence(world: str, world_def: World, points: pd.DataFrame, compared
     save_figure(fig, path)
 
 
-def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], world_def: World) -> Any:
+def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], world_def: World, key: str = "") -> Any:
     """Per compared experiment: seeds, the convergence metric at the first and last point, convergence_auc."""
     from mct.convergence import convergence_summary
     from mct.report_tables import Table
@@ -115,7 +115,7 @@ def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], wor
                      f"{key} at {last}": float(p.loc[p["iteration"] == last, key].mean()),
                      "convergence_auc (mean over seeds)": sum(per_seed) / len(per_seed) if per_seed else None,
                      "train seconds at last point": float(p.loc[p["iteration"] == last, "train_seconds"].mean())})
-    return Table(f"{world}_convergence", f"{world}: convergence of the compared runs (means over seeds)",
+    return Table(f"{key or world}_convergence", f"{world}: convergence of the compared runs (means over seeds)",
                  pd.DataFrame(rows, dtype=object))
 
 
@@ -128,21 +128,23 @@ def add_convergence(page: Any, params: Any, suite: str | None, src: Any, figures
 
     claim = next((c for c in CLAIMS if c.key == CLAIM_KEY), None)
     present = set(params.suite_experiments(suite))
-    compare = {w: c for w, c in (claim.compare.items() if claim else ()) if w in worlds and set(c) <= present}
+    compare = [(w, c) for w, c in (claim.comparisons() if claim else ()) if w in worlds and set(c) <= present]
     if not compare:
         return
     page.h(2, SECTION)
     page.p(DEFINITION)
-    for w, compared in compare.items():
+    for w, compared in compare:
+        # one comparison per world keeps the world's name; a second one in the same world is named by its runs
+        key = w if sum(cw == w for cw, _ in compare) == 1 else f"{w}_{compared[0]}"
         points = convergence_points(params, suite, compared, src)
         if points.empty:
             page.p(f"{w}: no convergence points in this build ({', '.join(compared)}: distill.eval_every is 0, or "
                    f"their distill outputs are not under {src.runs}/).")
             continue
-        name = f"{w}_convergence.png"
+        name = f"{key}_convergence.png"
         with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
             fig_convergence(w, kinds[w], points, compared, figures / name)
         page.figure(name, f"{w}: {', '.join(LABELS.get(m, m) for m in kinds[w].convergence_panels)} of "
                           f"{' and '.join(compared)} against training iterations (top) and training seconds "
                           "(bottom)")
-        page.table(summary_table(w, points, compared, kinds[w]))
+        page.table(summary_table(w, points, compared, kinds[w], key))
