@@ -6,8 +6,9 @@ from pathlib import Path
 
 RUNS = Path("runs")
 REPORTS = Path("reports")
-# benchmark outputs the report shows (written by benchmarks/estep_fidelity.py and benchmarks/toy2d_sweep.py)
-REPORT_BENCHMARKS = (REPORTS / "benchmarks" / "estep_fidelity", REPORTS / "benchmarks" / "toy2d_sweep")
+# benchmark outputs the report shows (written by the benchmarks/ script of the same name)
+REPORT_BENCHMARKS = tuple(REPORTS / "benchmarks" / name
+                          for name in ("estep_fidelity", "toy2d_sweep", "toy2d_precision", "estep_chain"))
 
 
 def world_data(world: str, suffix: str = ".npz") -> Path:

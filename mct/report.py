@@ -341,9 +341,11 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
         per_world[w] = _add_world(page, params, w, entries, src, figures, kinds, results, carriers)
     # the E-step benchmarks' sections, if they have run
     from mct.report_estep import add_estep_chain, add_estep_fidelity, add_toy2d_sweep
+    from mct.report_precision import add_toy2d_precision
 
     add_estep_fidelity(page, src.reports_in / "benchmarks" / "estep_fidelity", figures)
     add_toy2d_sweep(page, src.reports_in / "benchmarks" / "toy2d_sweep")
+    add_toy2d_precision(page, src.reports_in / "benchmarks" / "toy2d_precision")
     add_estep_chain(page, src.reports_in / "benchmarks" / "estep_chain", figures)
     page.h(2, "Paper-scale results")
     for t in paper_tables(params, worlds, per_world):

@@ -59,7 +59,7 @@ def add_estep_fidelity(page: Any, bench: Path, figures: Path) -> None:
                             "(dotted: the exact samples' floor)")
 
 
-SWEEP_SECTION = "E-step settings against Diff-Instruct (toy2d, paired seeds)"
+SWEEP_SECTION = "E-step settings against Diff-Instruct (toy2d worlds, paired seeds)"
 
 
 def sweep_verdicts(summary: pd.DataFrame) -> list[str]:
@@ -92,8 +92,9 @@ def add_toy2d_sweep(page: Any, bench: Path) -> None:
            "20,000 EMA samples; mean [95% t-interval]; '- di' columns: the paired difference against Diff-Instruct "
            "on the same seeds. Settings: di = K 1, gamma_z 0; eps_k8 = z fixed; shrink = the old z step "
            "gamma_z sigma^2/(sigma^2+1) (gamma_z 0.005); curv = the curvature z step (gamma_z in posterior widths); "
-           "'_linear' = linear noise cancellation where z moves (biased), otherwise antithetic. Produced by "
-           "benchmarks/toy2d_sweep.py.")
+           "'_linear' = linear noise cancellation where z moves (biased), otherwise antithetic. The toy2d rows were "
+           "run with the 256-wide toy2d teacher of their time, the toy2d_skewed rows with the 128-wide one of "
+           "params.yaml. Produced by benchmarks/toy2d_sweep.py.")
     for sentence in sweep_verdicts(table):
         page.p(sentence)
     page.table(Table("toy2d_sweep", "E-step settings against Diff-Instruct, paired seeds", table))

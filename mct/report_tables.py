@@ -371,10 +371,13 @@ def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
         return v / base if isinstance(v, (int, float)) and base else None
 
     frame = pd.DataFrame(dtype=object, data=[
-        {"method": m, "K": k, "experiment": e.name, metric_name("sec_per_iter", ""): e.get("sec_per_iter"),
-         "E-step sec/iter": e.get("sec_per_iter_estep"), "x Diff-Instruct": rel(e)} for m, k, e in rows])
+        {"method": m, "K": k, "experiment": e.name,
+         metric_name("sec_per_iter", ""): with_interval(e, "sec_per_iter", e.get("sec_per_iter")),
+         "E-step sec/iter": with_interval(e, "sec_per_iter_estep", e.get("sec_per_iter_estep")),
+         "x Diff-Instruct": rel(e)} for m, k, e in rows])
     return Table(f"{world}_cost", f"{world}: training cost per iteration", frame,
-                 "Mean over the last 10% of iterations of score + E-step + M-step time (summary.json).",
+                 "Mean over the last 10% of iterations of score + E-step + M-step time (summary.json); with several "
+                 "seeds, the seed mean [95% t-interval]; x Diff-Instruct: ratio of the seed means.",
                  not_run_line(missing))
 
 

@@ -38,3 +38,17 @@ def test_a_seeded_row_shows_its_interval_and_a_single_run_its_value():
     assert cell == Estimate(0.25, 0.125, 0.375) and fmt(cell) == "0.25 [0.125, 0.375]" == str(cell)
     assert with_interval(once, "fid", once.get("fid")) == 0.25
     assert with_interval(seeded, "recall", None) is None
+
+
+def test_the_cost_table_shows_seed_intervals_and_the_ratio_of_means():
+    from mct.report_collect import Entry
+    from mct.report_tables import Estimate, cost_table
+
+    base = {"method": "diff_instruct"}
+    di = Entry("di", "experiment", "w", base, {"sec_per_iter": 0.01, "sec_per_iter_ci95_lo": 0.009,
+                                                  "sec_per_iter_ci95_hi": 0.011, "sec_per_iter_estep": 0.002})
+    emd = Entry("emd8", "experiment", "w", {"method": "emd"}, {"sec_per_iter": 0.03})
+    frame = cost_table("w", [di, emd], [(8, [emd])]).frame.set_index("experiment")
+    assert frame.loc["di", "sec/iter \u2193"] == Estimate(0.01, 0.009, 0.011)
+    assert frame.loc["di", "E-step sec/iter"] == 0.002  # no interval recorded: the value alone
+    assert frame.loc["emd8", "x Diff-Instruct"] == 3.0
