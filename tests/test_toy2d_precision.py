@@ -61,3 +61,20 @@ def test_findings_follow_the_paired_intervals(tmp_path):
 def test_parse_interval_rejects_what_it_cannot_read():
     assert parse_interval("+0.010 [-0.020, +0.040]") == (0.01, -0.02, 0.04)
     assert all(v != v for v in parse_interval("n/a"))  # nan, not an exception
+
+
+def test_emd_is_paired_with_diff_instruct_at_the_same_settings_and_the_target_needs_all_three():
+    from mct.report_precision import matched_findings, target_finding
+
+    runs = _runs()
+    emd = runs[runs.setting == "di"].assign(setting="emd8", modes_covered=25, mode_tv=0.04,
+                                           mode_precision=lambda f: f.mode_precision + 0.45)
+    runs = pd.concat([runs, emd], ignore_index=True)
+    (sentence,) = matched_findings(runs)
+    assert "emd8 - di (n = 3): modes +5.000" in sentence and "mode precision +0.450 [+0.450, +0.450]" in sentence
+    summary = _sweep_module().summarise(runs)
+    assert target_finding(summary).startswith(
+        "Target (25 of 25 modes, mode TV <= 0.05 and mode precision >= 0.9 at once, seed means): met by emd8.")
+    # precision alone is not enough: the same row with mode TV 0.06 misses the target
+    summary_tv = _sweep_module().summarise(runs.assign(mode_tv=lambda f: f.mode_tv.where(f.setting != "emd8", 0.06)))
+    assert "met by no row" in target_finding(summary_tv)
