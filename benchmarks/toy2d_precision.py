@@ -24,12 +24,11 @@ Two reference rows train nothing by distillation:
 Every row scores 20,000 samples by the exact mode statistics plus the median distance to the nearest mode in mode
 standard deviations (1.18 for exact samples). Rows are appended to runs.csv as they finish, finished ones are skipped.
 
-  python benchmarks/toy2d_precision.py --seeds 0,1,2 [--shard 0/2]
+  python benchmarks/toy2d_precision.py --seeds 0,1,2,3,4 [--shard 0/2]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import time
@@ -42,6 +41,7 @@ from toy2d_sweep import (
     experiment,
     mode_distance_median,
     pending,
+    run_arguments,
     run_one,
     run_pending,
     write_summary,
@@ -142,13 +142,8 @@ def fit_to_teacher_map(gen: torch.nn.Module, world, tcfg, teacher_path: Path, se
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = run_arguments(__doc__, "reports/benchmarks/toy2d_precision")
     ap.add_argument("--settings", default=",".join([*REFERENCES, *SETTINGS]))
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--samples", type=int, default=20000)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="reports/benchmarks/toy2d_precision")
-    ap.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from the I-th (parallel workers)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     params = load_params("params.yaml")

@@ -174,16 +174,22 @@ def write_summary(out: Path) -> pd.DataFrame:
     return summary
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worlds", default="toy2d,toy2d_skewed")
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+def run_arguments(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options every paired-seed toy2d benchmark takes: seeds, samples, threads, output folder, shard."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--iterations", type=int, default=None, help="default: the toy2d template's")
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="reports/benchmarks/toy2d_sweep")
+    ap.add_argument("--out", default=out)
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from the I-th (parallel workers)")
+    return ap
+
+
+def main() -> None:
+    ap = run_arguments(__doc__, "reports/benchmarks/toy2d_sweep")
+    ap.add_argument("--worlds", default="toy2d,toy2d_skewed")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--iterations", type=int, default=None, help="default: the toy2d template's")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     params = load_params("params.yaml")
