@@ -184,8 +184,9 @@ def _describe(ref: dict[str, Any] | None) -> str:
         "injected only" if ref["cancel_noise"] else "none"
     return (f"Reference EMD setting (most common value of each key among this world's EMD experiments): "
             f"space {SPACE_LABELS[ref['space']]}, noise cancellation {cancel}, K={ref['K']}, "
-            f"init {ref['init']}, gamma_eps={ref['gamma_eps']:g}, gamma_z={ref['gamma_z']:g}, "
-            f"teacher {ref['teacher']}, {ref['iterations']} iterations, batch {ref['batch_size']}. "
+            f"init {ref['init']}, gamma_eps={ref['gamma_eps']:g}, gamma_z={ref['gamma_z']:g}"
+            + (f" ({ref['z_step']} z step)" if ref.get("z_step") else "")
+            + f", teacher {ref['teacher']}, {ref['iterations']} iterations, batch {ref['batch_size']}. "
             + ("The E-step uses the exact analytic score of the true mixture (distill.estep_teacher: analytic), "
                "not the trained teacher network; the trained teacher is only the student's initialisation and "
                "the speed and quality reference. " if ref.get("estep_teacher") == "analytic" else
