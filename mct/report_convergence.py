@@ -95,8 +95,10 @@ def fig_convergence(world: str, world_def: World, points: pd.DataFrame, compared
     save_figure(fig, path)
 
 
-def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], world_def: World, key: str = "") -> Any:
-    """Per compared experiment: seeds, the convergence metric at the first and last point, convergence_auc."""
+def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], world_def: World,
+                  name: str = "") -> Any:
+    """Per compared experiment: seeds, the convergence metric at the first and last point, convergence_auc.
+    ``name``: the table's file stem before '_convergence' (default: the world)."""
     from mct.convergence import convergence_summary
     from mct.report_tables import Table
 
@@ -115,7 +117,7 @@ def summary_table(world: str, points: pd.DataFrame, compared: Sequence[str], wor
                      f"{key} at {last}": float(p.loc[p["iteration"] == last, key].mean()),
                      "convergence_auc (mean over seeds)": sum(per_seed) / len(per_seed) if per_seed else None,
                      "train seconds at last point": float(p.loc[p["iteration"] == last, "train_seconds"].mean())})
-    return Table(f"{key or world}_convergence", f"{world}: convergence of the compared runs (means over seeds)",
+    return Table(f"{name or world}_convergence", f"{world}: convergence of the compared runs (means over seeds)",
                  pd.DataFrame(rows, dtype=object))
 
 

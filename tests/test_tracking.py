@@ -189,7 +189,9 @@ def test_report_section_draws_both_methods_with_seed_bands(tiny_raw, tmp_path, m
     add_convergence(page, params, "smoke", Sources(tmp_path / "reports", runs), figures, {"toy2d": toy2d_world},
                     ["toy2d"])
     assert page.sections() == ["Convergence"] and (figures / "toy2d_convergence.png").stat().st_size > 10_000
-    table = next(b[1] for b in page.blocks if b[0] == "table").frame.set_index("experiment")
+    table = next(b[1] for b in page.blocks if b[0] == "table")
+    assert table.name == "toy2d_convergence"  # its CSV/TeX stem: one comparison in the world keeps the world's name
+    table = table.frame.set_index("experiment")
     assert table.loc["tiny_emd", "seeds"] == 3
     for name in ("tiny_di", "tiny_emd"):
         expect = sum(auc[name, s] for s in (0, 1, 2)) / 3
