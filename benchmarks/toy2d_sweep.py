@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from mct import paths
+from mct.claims import t_interval as claims_t_interval
 from mct.config import ExperimentConfig, build, deep_merge, load_params
 from mct.metrics.modes import mode_statistics
 from mct.student import generate, init_student, load_generator
@@ -105,13 +105,9 @@ def mode_distance_median(x: torch.Tensor, mixture) -> float:
 
 
 def t_interval(x: np.ndarray) -> tuple[float, float, float]:
-    """Mean and a 95% Student-t interval (nan bounds for n < 2)."""
-    n = len(x)
-    mean = float(np.mean(x))
-    if n < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.975, n - 1) * np.std(x, ddof=1) / math.sqrt(n))
-    return mean, mean - half, mean + half
+    """Mean and a 95% Student-t interval (nan bounds for n < 2): mct.claims.t_interval without the sd."""
+    mean, _, lo, hi = claims_t_interval(x)
+    return mean, lo, hi
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
