@@ -46,6 +46,10 @@ def _unit_interval(v: Any) -> str | None:
     return None if 0 <= v < 1 else f"must be in [0, 1) (got {v})"
 
 
+def _open_unit_interval(v: Any) -> str | None:
+    return None if 0 < v < 1 else f"must be in (0, 1) (got {v})"
+
+
 def _betas(v: Any) -> str | None:
     return None if all(0 <= b < 1 for b in v) else f"Adam betas must be in [0, 1) (got {list(v)})"
 
@@ -279,6 +283,16 @@ class DistillConfig(LangevinConfig):
     iterations: int = field(default=2000, metadata=_check(_at_most(MAX_ITERATIONS, _non_negative)))
     batch_size: int = field(default=256, metadata=_check(_at_most(MAX_BATCH)))
     estep_teacher: Literal["network", "analytic"] = "network"
+    # The E-step: 'langevin' (the paper's chain, the keys of LangevinConfig) or 'exact' (mct.exact_em: x_t drawn
+    # from the data exactly and log q_t by importance sampling over a 2-D z from a grid-built proposal; worlds with
+    # World.has_exact_estep only). exact_grid: proposal cells per axis; exact_draws: importance draws per x_t;
+    # exact_defensive: the prior's share of the proposal; exact_control_variate: subtract the same objective on the
+    # student's own samples (zero expected gradient, less variance).
+    estep: Literal["langevin", "exact"] = "langevin"
+    exact_grid: int = field(default=64, metadata=_check(_at_most(1024)))
+    exact_draws: int = field(default=16, metadata=_check(_at_most(4096)))
+    exact_defensive: float = field(default=0.1, metadata=_check(_open_unit_interval))
+    exact_control_variate: bool = True
     mstep_weight: Literal["sigma", "one", "sigma2"] = "sigma"
     mstep_sigma: SigmaConfig = field(default_factory=SigmaConfig)
     dsm_sigma: SigmaConfig = field(default_factory=SigmaConfig)
@@ -621,6 +635,9 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
         if cfg.distill.antithetic and (cfg.distill.batch_size // cfg.distill.grad_accum) % 2:
             raise ConfigError(f"{key}.distill.batch_size: antithetic noise cancellation pairs chains, so each "
                               f"micro-batch (batch_size / grad_accum) must be even")
+        if cfg.distill.estep == "exact" and not world_class(worlds[cfg.world].kind).has_exact_estep:
+            raise ConfigError(f"{key}.distill.estep: 'exact' needs a world with a 2-D latent and exact data samples "
+                              f"(World.has_exact_estep, e.g. toy2d); {worlds[cfg.world].kind!r} has neither")
         if cfg.distill.estep_teacher == "analytic" and not world_class(worlds[cfg.world].kind).has_analytic_denoiser:
             raise ConfigError(f"{key}.distill.estep_teacher: 'analytic' exists only for worlds with an exact "
                               f"denoiser; {worlds[cfg.world].kind!r} has none")

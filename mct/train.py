@@ -24,6 +24,7 @@ from mct.config import DistillConfig, ExperimentConfig, LangevinConfig
 from mct.diffusion import GuidedDenoiser
 from mct.ema import ema_update
 from mct.emd import ChainExplosionError, EStepResult, antithetic_start, langevin_estep, mstep_loss, score_dsm_loss
+from mct.exact_em import ExactEStep, marginal_check
 from mct.io import atomic_dir, load_torch, save_torch, write_json
 from mct.resume import load_latest, non_finite, save_state, state_path
 from mct.student import build_generator
@@ -110,6 +111,7 @@ class Run:
     start: int  # iterations already done (resumed)
     log_lines: list[str]  # one JSON line per iteration done; the main process's are the run's log
     last_good: Path | None  # the newest checkpoint written, named when the run diverges
+    exact_estep: ExactEStep | None = None  # distill.estep: exact (mct.exact_em) in place of the Langevin chain
 
     @property
     def d(self) -> DistillConfig:
@@ -158,7 +160,19 @@ def _start_run(world: World, exp: ExperimentConfig, teacher_path: Path, student_
                    if d.guide_score_net and d.guidance_scale != 1.0 else score_raw)
     return Run(world, exp, acc, work_dir, fingerprint, student, gen_p, score_p, gen_raw, score_raw, ema, opt_g,
                opt_s, rng, estep_teacher, estep_score, d.langevin(), d.dsm_sigma.build(), d.mstep_sigma.build(),
-               start, log_lines, last_good)
+               start, log_lines, last_good, _exact_estep(world, d))
+
+
+def _exact_estep(world: World, d: DistillConfig) -> ExactEStep | None:
+    """The exact E-step of ``distill.estep: exact``, checked against the world before any work (config validation
+    checks it too, for params.yaml; this is for settings built in code)."""
+    if d.estep != "exact":
+        return None
+    if not world.has_exact_estep or world.data_shape != (2,) or world.label_dim:
+        raise ValueError(f"distill.estep: 'exact' needs an unconditional world with a 2-D latent and exact data "
+                         f"samples (World.has_exact_estep); world {world.name!r} is not one")
+    return ExactEStep(grid=d.exact_grid, draws=d.exact_draws, defensive=d.exact_defensive,
+                      control_variate=d.exact_control_variate, weight=d.mstep_weight)
 
 
 def _accelerator(d: DistillConfig, work_dir: Path) -> Accelerator:
@@ -262,8 +276,9 @@ class GeneratorStep:
     loss: Tensor
     grad_norm: float
     z0: Tensor
-    chain: EStepResult
+    chain: EStepResult | None  # None with the exact E-step, which has no chain
     t_estep: float
+    health: dict[str, float]  # the last micro-batch's E-step health (chain moves, or the exact E-step's ESS)
 
 
 def _generator_phase(run: Run, it: int, loss_s: Tensor) -> GeneratorStep:
@@ -282,6 +297,15 @@ def _generator_phase(run: Run, it: int, loss_s: Tensor) -> GeneratorStep:
         eps0 = torch.randn((micro, *shape), generator=rng, device=device)
         labels = run.world.draw_labels(micro, rng, device)
         sigma = run.m_sigma.sample(micro, rng, device)
+        if run.exact_estep is not None:
+            res = None
+            with acc.autocast():
+                exact = _exact_estep_step(run, z0, eps0, sigma, labels)
+            part, health = exact.loss / accum, exact.health()
+            t_estep += time.perf_counter() - te  # the exact E-step and its M-step are one backward: timed as E-step
+            acc.backward(part)
+            loss += part.detach()
+            continue
         if run.langevin.antithetic:
             z0, eps0, sigma, labels = antithetic_start(z0, eps0, sigma, labels)
         try:
@@ -296,6 +320,7 @@ def _generator_phase(run: Run, it: int, loss_s: Tensor) -> GeneratorStep:
             part = mstep_loss(run.gen_p, res.z, res.eps_tilde, sigma, labels, d.mstep_weight) / accum
         acc.backward(part)
         loss += part.detach()
+        health = res.health()
     grad_norm = _grad_norm(acc, run.gen_p.parameters(), d.grad_clip)
     if not (math.isfinite(loss.item()) and math.isfinite(loss_s.item()) and math.isfinite(grad_norm)):
         raise DivergenceError(
@@ -303,18 +328,28 @@ def _generator_phase(run: Run, it: int, loss_s: Tensor) -> GeneratorStep:
             f"grad_norm_g={grad_norm}; {_last_good(run.last_good)}")
     run.opt_g.step()
     ema_update(run.ema, run.gen_raw, d.ema_decay)
-    return GeneratorStep(loss, grad_norm, z0, res, t_estep)
+    return GeneratorStep(loss, grad_norm, z0, res, t_estep, health)
 
+
+def _exact_estep_step(run: Run, z0: Tensor, eps0: Tensor, sigma: Tensor, labels: Tensor | None):
+    """The exact E-step's objective on one micro-batch: x_t = x_0 + sigma n with x_0 an exact data draw, and (for
+    the control variate) the student's own x'_t = g(z0) + sigma eps0 at the same sigmas."""
+    x0 = run.world.exact_data_sample(z0.shape[0], run.rng, run.device)
+    noise = torch.randn(x0.shape, generator=run.rng, device=run.device)
+    x_t = x0 + sigma[:, None] * noise
+    with torch.no_grad():
+        student_x_t = run.gen_raw(z0, labels) + sigma[:, None] * eps0
+    return run.exact_estep(run.gen_p, x_t, sigma, labels, student_x_t, run.rng)
 
 def _record(it: int, score: ScoreStep, gen: GeneratorStep, t0: float, t1: float, t3: float) -> dict[str, Any]:
     """One iteration's log line: losses, gradient norms, the last chain's size and health, and phase times
     (score phase t0..t1, E-steps t1..t2, the rest of the generator phase t2..t3)."""
     t2 = t1 + gen.t_estep
+    chain = {} if gen.chain is None else {
+        "eps_tilde_norm": float(gen.chain.eps_tilde.flatten(1).norm(dim=1).mean()),
+        "z_shift": float((gen.chain.z - gen.z0).flatten(1).norm(dim=1).mean())}
     return {"iteration": it, "loss_score": score.loss.item(), "loss_gen": gen.loss.item(),
-            "grad_norm_gen": gen.grad_norm, "grad_norm_score": score.grad_norm,
-            "eps_tilde_norm": float(gen.chain.eps_tilde.flatten(1).norm(dim=1).mean()),
-            "z_shift": float((gen.chain.z - gen.z0).flatten(1).norm(dim=1).mean()),
-            **gen.chain.health(),
+            "grad_norm_gen": gen.grad_norm, "grad_norm_score": score.grad_norm, **chain, **gen.health,
             "t_score": t1 - t0, "t_estep": t2 - t1, "t_mstep": t3 - t2}
 
 
@@ -356,6 +391,8 @@ def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[st
         "final_grad_norm_gen": _mean_tail([r["grad_norm_gen"] for r in records]),
         "langevin": asdict(run.langevin),
     }
+    if run.exact_estep is not None:
+        summary["exact_estep"] = _exact_estep_checks(run)
     if acc.is_main_process:
         with atomic_dir(out_dir) as tmp:
             save_torch({"format": "mct-generator-v1", "spec": run.student["spec"],
@@ -365,6 +402,23 @@ def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[st
             write_json(summary, tmp / "summary.json")
             track.finish(tmp, records)  # convergence.jsonl, dvclive/ (or the chosen tracker's files)
     return summary
+
+
+def _exact_estep_checks(run: Run, quantiles: tuple[float, ...] = (0.01, 0.5), n: int = 512) -> dict[str, Any]:
+    """The exact E-step's settings and its estimate of log q_t against quadrature (mct.exact_em.marginal_check) on
+    the final generator, at the 1% quantile of the M-step's sigmas (the smallest it trained on, bar 1%) and at
+    their median: the grid's error bound and the estimate's gap, for the run's record."""
+    rng = torch.Generator(device=run.device).manual_seed(20_240_527)
+    sigmas = run.m_sigma.sample(100_000, rng, run.device)
+    est = run.exact_estep
+    checks = []
+    for q in quantiles:
+        sigma = float(torch.quantile(sigmas.double().cpu(), q))
+        x_t = run.world.exact_data_sample(n, rng, run.device).double()
+        x_t = x_t + sigma * torch.randn(x_t.shape, generator=rng, device=run.device, dtype=torch.float64)
+        checks.append({"quantile": q, **marginal_check(run.gen_raw, est, x_t, sigma, rng)})
+    return {"grid": est.grid, "half_width": est.half_width, "draws": est.draws, "defensive": est.defensive,
+            "control_variate": est.control_variate, "checks": checks}
 
 
 def _grad_norm(acc: Accelerator, params, max_norm: float) -> float:

@@ -67,6 +67,8 @@ class World(ABC):
     takes_published_checkpoints: ClassVar[bool] = False  # fetched EDM/ADM teachers (arch edm, adm) fit this world
     takes_local_teacher: ClassVar[bool] = False  # a teacher of kind 'local' (import_teacher) exists for this world
     has_analytic_denoiser: ClassVar[bool] = False  # distill.estep_teacher: analytic is possible
+    # distill.estep: exact is possible: a 2-D latent (quadrature over z) and exact data samples (exact_data_sample)
+    has_exact_estep: ClassVar[bool] = False
     exact_metric_keys: ClassVar[tuple[str, ...]] = ()  # keys of exact_metrics(); the report's extra columns
     conditional_metric_keys: ClassVar[tuple[str, ...]] = ()  # keys of conditional_metrics() (e.g. clip_score)
     convergence_metric: ClassVar[str | None] = None  # the training_metric() key convergence_auc integrates
@@ -185,6 +187,10 @@ class World(ABC):
         raise ValueError(f"world {self.name!r} ({self.kind}) has no analytic denoiser")
 
     # --- evaluation -------------------------------------------------------------------------------------------
+
+    def exact_data_sample(self, n: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+        """n exact draws of the data distribution (the exact E-step's x_0), for worlds with ``has_exact_estep``."""
+        raise ValueError(f"world {self.name!r} ({self.kind}) has no exact data sampler (distill.estep: exact)")
 
     def exact_metrics(self, x: Tensor) -> dict[str, Any]:
         """Metrics against the true distribution (keys ``exact_metric_keys``), for worlds that know it."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from mct.worlds.base import World
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor, nn
 
     from mct.worlds.mixture import GaussianMixture
@@ -37,6 +38,7 @@ class Toy2D(World):
     feature_space = "identity"
     fd_name = "FD (2-D)"
     has_analytic_denoiser = True
+    has_exact_estep = True
     exact_metric_keys = ("modes_covered", "modes_total", "mode_tv", "mode_precision", "nll")
     # mode TV: the mode-covering target (0 = exact weights); lower is better
     convergence_metric = "mode_tv"
@@ -56,6 +58,9 @@ class Toy2D(World):
     @cached_property  # read on every training step
     def sigma_data(self) -> float:
         return self.mixture.data_std()
+
+    def exact_data_sample(self, n: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+        return self.mixture.sample(n, generator=rng).to(device)
 
     def analytic_denoiser(self) -> nn.Module:
         from mct.worlds.mixture import MixtureDenoiser
