@@ -91,10 +91,23 @@ def run_one(params, world_name: str, setting: str, seed: int, iterations: int | 
     st = mode_statistics(x, m.means, m.weights, m.std)
     tail = log.tail(100)
     return {**row, **{k: st[k] for k in METRICS}, "mode_dist_median": mode_distance_median(x, m),
+            **exact_check_fields(summary),
             "seconds": round(time.perf_counter() - t0, 1),
             "sec_per_iter": summary["sec_per_iter"],
             **{k: float(tail[k].mean()) if k in tail else math.nan
                for k in ("z_move_rms", "z_moved_frac", "chains_reset_frac")}, "status": "ok"}
+
+
+def exact_check_fields(summary: dict) -> dict:
+    """The exact E-step's record at the smallest sigma checked (train._exact_estep_checks): the estimate's mean gap to
+    quadrature and the quadrature's own resolution gap; nothing for a Langevin run."""
+    checks = summary.get("exact_estep", {}).get("checks", [])
+    if not checks:
+        return {}
+    c = checks[0]
+    return {"exact_log_q_gap_small_sigma": c["estimate_gap"], "exact_quadrature_gap_small_sigma": c["quadrature_gap"],
+            "exact_sigma_small": c["sigma"], "exact_kl_small_sigma": c.get("kl", math.nan),
+            "exact_kl_median_sigma": checks[-1].get("kl", math.nan) if len(checks) > 1 else math.nan}
 
 
 def mode_distance_median(x: torch.Tensor, mixture) -> float:

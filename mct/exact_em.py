@@ -76,15 +76,20 @@ class GridProposal:
         self.log_prior_mass = -0.5 * (self.z**2).sum(1) - LOG_2PI + 2 * math.log(self.h)
 
     def cell_logits(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """(B, n*n) unnormalised log masses of the cells: prior mass times the widened likelihood."""
-        var = sigma.double()[:, None] ** 2 + self.spread2[None]
-        return self.log_prior_mass[None] + _log_normal_2d(x.double()[:, None], self.g[None], var)
+        """(B, n*n) unnormalised log masses of the cells: prior mass times the widened likelihood.
+
+        In float32 through one matmul (|x - g|^2 = |x|^2 - 2 x.g + |g|^2): this is only the proposal, used
+        consistently for drawing and for r(z), so its rounding changes the proposal, never the estimate's target."""
+        xf, g = x.float(), self.g.float()
+        var = sigma.float()[:, None] ** 2 + self.spread2.float()[None]
+        sq = ((xf**2).sum(1)[:, None] - 2 * xf @ g.T + (g**2).sum(1)[None]).clamp_min(0)
+        return self.log_prior_mass.float()[None] - 0.5 * sq / var - torch.log(var)
 
     def sample(self, x: Tensor, sigma: Tensor, draws: int, defensive: float, rng: torch.Generator | None
                ) -> tuple[Tensor, Tensor]:
         """``draws`` z per row of x (B, draws, 2) and their log importance weights log N(z; 0, I) - log r(z)."""
         b = x.shape[0]
-        log_m = torch.log_softmax(self.cell_logits(x, sigma), dim=1)  # (B, n*n)
+        log_m = torch.log_softmax(self.cell_logits(x, sigma), dim=1)  # (B, n*n), float32
         cells = torch.multinomial(log_m.exp(), draws, replacement=True, generator=rng)  # (B, D)
         kw = {"generator": rng, "dtype": torch.float64, "device": self.device}
         z_cell = self.z[cells] + (torch.rand((b, draws, 2), **kw) - 0.5) * self.h
@@ -96,7 +101,7 @@ class GridProposal:
         idx = torch.floor((z + self.half_width) / self.h).long()
         inside = ((idx >= 0) & (idx < self.n)).all(-1)
         flat = (idx[..., 0].clamp(0, self.n - 1) * self.n + idx[..., 1].clamp(0, self.n - 1))
-        log_cell = torch.gather(log_m, 1, flat) - 2 * math.log(self.h)
+        log_cell = torch.gather(log_m, 1, flat).double() - 2 * math.log(self.h)
         log_cell = torch.where(inside, log_cell, torch.full_like(log_cell, -math.inf))
         log_r = torch.logaddexp(math.log1p(-defensive) + log_cell, math.log(defensive) + log_prior)
         return z, log_prior - log_r
@@ -145,13 +150,15 @@ class ExactEStep:
 
 
 def marginal_check(generator: nn.Module, estep: ExactEStep, x_t: Tensor, sigma: float,
-                   rng: torch.Generator | None) -> dict[str, float]:
+                   rng: torch.Generator | None, log_p: Tensor | None = None) -> dict[str, float]:
     """How well the estimate of log q_t holds at one (small) sigma, against quadrature at two resolutions.
 
     ``quadrature`` uses :func:`mct.estep_exact.z_grid_for` (a spacing of sigma / max|J|, capped at 600 cells per
     axis); ``quadrature_coarse`` the grid of half that resolution; their gap bounds the quadrature's own error when the
     rule has converged. ``estimate`` is this module's importance-sampling value (its Jensen gap is the mean
-    difference, negative in expectation)."""
+    difference, negative in expectation). With ``log_p``, the teacher's exact log p_t at ``x_t`` (drawn from p_t), the
+    record also has ``kl``: mean(log p_t - log q_t) by quadrature, the forward KL the method minimises, at this sigma
+    (a Monte Carlo estimate over the points; how far the student's modes are from sharp at small sigma)."""
     from mct.estep_exact import Grid2D, StudentQuadrature, z_grid_for
 
     s = torch.full((x_t.shape[0],), float(sigma), dtype=torch.float64, device=x_t.device)
@@ -162,7 +169,8 @@ def marginal_check(generator: nn.Module, estep: ExactEStep, x_t: Tensor, sigma: 
         coarse = Grid2D(fine.center, fine.half_width, max(2, fine.n // 2))
         quad = StudentQuadrature(generator, fine).log_marginal(x_t, s)
         quad_coarse = StudentQuadrature(generator, coarse).log_marginal(x_t, s)
-    return {"sigma": float(sigma), "n_points": int(x_t.shape[0]), "quadrature_cells": fine.n,
+    kl = {} if log_p is None else {"kl": float((log_p.double() - quad).mean())}
+    return {"sigma": float(sigma), "n_points": int(x_t.shape[0]), "quadrature_cells": fine.n, **kl,
             "log_q_quadrature": float(quad.mean()), "log_q_quadrature_coarse": float(quad_coarse.mean()),
             "quadrature_gap": float((quad - quad_coarse).abs().mean()),
             "log_q_estimate": float(est.mean()), "estimate_gap": float((est - quad).mean()),

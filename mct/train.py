@@ -416,7 +416,8 @@ def _exact_estep_checks(run: Run, quantiles: tuple[float, ...] = (0.01, 0.5), n:
         sigma = float(torch.quantile(sigmas.double().cpu(), q))
         x_t = run.world.exact_data_sample(n, rng, run.device).double()
         x_t = x_t + sigma * torch.randn(x_t.shape, generator=rng, device=run.device, dtype=torch.float64)
-        checks.append({"quantile": q, **marginal_check(run.gen_raw, est, x_t, sigma, rng)})
+        log_p = run.world.exact_log_prob(x_t, sigma)
+        checks.append({"quantile": q, **marginal_check(run.gen_raw, est, x_t, sigma, rng, log_p)})
     return {"grid": est.grid, "half_width": est.half_width, "draws": est.draws, "defensive": est.defensive,
             "control_variate": est.control_variate, "checks": checks}
 

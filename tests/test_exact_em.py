@@ -179,6 +179,7 @@ def test_distill_with_the_exact_estep_runs_logs_and_records_its_check(tiny_raw, 
     checks = summary["exact_estep"]["checks"]
     assert [c["quantile"] for c in checks] == [0.01, 0.5]
     assert all(c["quadrature_gap"] >= 0 and c["sigma"] > 0 for c in checks)
+    assert all(c["kl"] > -0.05 for c in checks)  # KL(p_t || q_t) >= 0, up to the Monte Carlo noise of 512 points
     distill(world, exp, toy_teacher, student, tmp_path / "b", tmp_path / "wb", progress=False, stop_after=20)
     distill(world, exp, toy_teacher, student, tmp_path / "b", tmp_path / "wb", progress=False)
     la = (tmp_path / "a" / "log.jsonl").read_text().splitlines()

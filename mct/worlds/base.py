@@ -197,6 +197,10 @@ class World(ABC):
         return {}
 
     def training_metric(self) -> Callable[[Tensor], dict[str, float]] | None:
+    def exact_log_prob(self, x: Tensor, sigma: float) -> Tensor:
+        """log p_t(x) of the data convolved with N(0, sigma^2 I), for worlds with ``has_exact_estep``."""
+        raise ValueError(f"world {self.name!r} ({self.kind}) has no exact density")
+
         """A cheap quality metric of samples, computed during training (convergence curves); None: none."""
         return None
 

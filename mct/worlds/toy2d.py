@@ -67,6 +67,9 @@ class Toy2D(World):
 
         return MixtureDenoiser(self.mixture)
 
+    def exact_log_prob(self, x: Tensor, sigma: float) -> Tensor:
+        return self.mixture.log_prob(x, sigma)
+
     def prepare(self, out: Path, num_train: int = 100_000, num_test: int = 20_000) -> None:
         """Fixed train/test draws from the mixture (seed ``cfg.seed``), with the mixture's parameters."""
         import numpy as np
