@@ -74,7 +74,7 @@ def recovered_share(emd: np.ndarray, exact: np.ndarray, di: np.ndarray, sign: in
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    ok = runs[runs.status == "ok"]
+    ok = runs[runs.status == "ok"].drop_duplicates(["world", "setting", "seed"])
     out = []
     for (world, budget), grp in ok.groupby(["world", "budget"], sort=False):
         by = {s: g.set_index("seed").sort_index() for s, g in grp.groupby("setting")}

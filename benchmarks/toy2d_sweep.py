@@ -154,9 +154,11 @@ def pending(runs_csv: Path, worlds: list[str], settings: list[str], seeds: list[
     done = set()
     if runs_csv.exists():
         done = {(r.world, r.setting, int(r.seed)) for r in pd.read_csv(runs_csv).itertuples()}
-    todo = [(w, s, k) for k in seeds for s in settings for w in worlds if (w, s, k) not in done]
+    # the shard is taken from the full list before the finished runs are dropped, so that workers started at
+    # different times still split the runs between them without overlap
+    everything = [(w, s, k) for k in seeds for s in settings for w in worlds]
     i, n = (int(v) for v in shard.split("/"))
-    return todo[i::n]
+    return [t for t in everything[i::n] if t not in done]
 
 
 def run_pending(todo: list[tuple], runs_csv: Path, fields: list[str], run) -> None:
