@@ -192,15 +192,15 @@ class World(ABC):
         """n exact draws of the data distribution (the exact E-step's x_0), for worlds with ``has_exact_estep``."""
         raise ValueError(f"world {self.name!r} ({self.kind}) has no exact data sampler (distill.estep: exact)")
 
+    def exact_log_prob(self, x: Tensor, sigma: float) -> Tensor:
+        """log p_t(x) of the data convolved with N(0, sigma^2 I), for worlds with ``has_exact_estep``."""
+        raise ValueError(f"world {self.name!r} ({self.kind}) has no exact density")
+
     def exact_metrics(self, x: Tensor) -> dict[str, Any]:
         """Metrics against the true distribution (keys ``exact_metric_keys``), for worlds that know it."""
         return {}
 
     def training_metric(self) -> Callable[[Tensor], dict[str, float]] | None:
-    def exact_log_prob(self, x: Tensor, sigma: float) -> Tensor:
-        """log p_t(x) of the data convolved with N(0, sigma^2 I), for worlds with ``has_exact_estep``."""
-        raise ValueError(f"world {self.name!r} ({self.kind}) has no exact density")
-
         """A cheap quality metric of samples, computed during training (convergence curves); None: none."""
         return None
 
