@@ -220,9 +220,11 @@ def _resume(acc: Accelerator, work_dir: Path, fingerprint: str, gen: nn.Module, 
             opt_g: torch.optim.Optimizer, opt_s: torch.optim.Optimizer,
             rng: torch.Generator) -> tuple[int, list[str], Path | None]:
     """Load this run's newest verified state into the (not yet prepared) models, optimisers and RNG; return the step,
-    the log lines and the state's path, or a fresh start. mct.resume sets corrupt states aside and discards
-    another run's."""
-    loaded = load_latest(work_dir, fingerprint, acc.num_processes, acc.is_main_process, acc.wait_for_everyone)
+    the log lines and the state's path, or a fresh start. mct.resume sets corrupt states aside and moves another
+    run's aside (naming the changed settings), never deleting either."""
+    settings, legacy = _FINGERPRINTED.get(fingerprint, (None, None))
+    loaded = load_latest(work_dir, fingerprint, acc.num_processes, acc.is_main_process, acc.wait_for_everyone,
+                         settings=settings, legacy=legacy)
     if loaded is None:
         return 0, [], None
     ck = loaded.state
@@ -458,8 +460,25 @@ def _checkpoint(acc: Accelerator, work_dir: Path, last_good: Path | None, state:
     return path
 
 
+# fingerprint -> (the settings it hashes, the fingerprint an older mct gave them): what _resume records beside the
+# states and compares a changed run against, without the run's state having to carry it
+_FINGERPRINTED: dict[str, tuple[dict[str, Any], Any]] = {}
+
+
 def run_fingerprint(exp: ExperimentConfig, teacher_path: Path, student_path: Path) -> str:
-    """sha256 of the resolved experiment settings and of the teacher and student-init files."""
+    """sha256 of the settings the run's numbers depend on (mct.resume.run_settings: the resolved experiment without
+    logging, evaluation and checkpoint cadence, and the teacher's and student-init file's content)."""
+    from mct.resume import fingerprint_of, run_settings
+
+    settings = run_settings(asdict(exp), teacher_path, student_path)
+    fingerprint = fingerprint_of(settings)
+    _FINGERPRINTED[fingerprint] = (settings, lambda: _legacy_fingerprint(exp, teacher_path, student_path))
+    return fingerprint
+
+
+def _legacy_fingerprint(exp: ExperimentConfig, teacher_path: Path, student_path: Path) -> str:
+    """The fingerprint mct wrote before the settings were recorded (every key, the files' bytes): a state of such a
+    run with these very settings still resumes."""
     import hashlib
 
     from mct.checkpoint import sha256_file

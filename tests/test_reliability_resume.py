@@ -8,6 +8,7 @@ uninterrupted run ends. The tiny toy2d setting (6 iterations, a state every 2) k
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -210,6 +211,8 @@ def test_legacy_state_files_are_not_resumed_from(setup, tmp_path):
     (work / "checkpoint.pt").write_bytes(b"")
     _run(setup, tmp_path / "out", work)
     assert not (work / "checkpoint.pt").exists() and not (work / "rng.rank0.pt").exists()
+    (aside,) = work.glob("discarded-*")  # moved aside, not deleted
+    assert {"checkpoint.pt", "rng.rank0.pt"} <= {p.name for p in aside.iterdir()}
     assert_bitwise_equal(setup[4], tmp_path / "out")
 
 
@@ -378,3 +381,93 @@ def test_atomic_path_makes_the_data_durable_before_the_rename(tmp_path, monkeypa
     kinds = [k for k, _ in events]
     assert kinds == ["fsync", "replace", "fsync"], events
     assert events[0][1].startswith(str(tmp_path / ".x.json.")) and events[2][1] == str(tmp_path)
+
+
+# --- issue 21, item 5: a changed flag never destroys a run ------------------------------------------------------
+
+
+def _with(setup, **distill):
+    exp = setup[1]
+    return dataclasses.replace(exp, distill=dataclasses.replace(exp.distill, **distill))
+
+
+@pytest.mark.parametrize("change", [{"log_every": 5}, {"log_with": "none", "eval_every": 3, "checkpoint_every": 3}])
+def test_a_logging_change_resumes_bitwise(setup, tmp_path, capfd, change):
+    """Keys that cannot change the numbers (tracker, logging and evaluation cadence, checkpoint cadence) keep the
+    resume state: the run resumes, says so, and ends bitwise where the uninterrupted run ends."""
+    work = tmp_path / "work"
+    _run(setup, tmp_path / "out", work, stop_after=4)
+    capfd.readouterr()
+    _run(setup, tmp_path / "out", work, exp=_with(setup, **change))
+    err = capfd.readouterr().err
+    assert f"resuming from step 4 ({work / 'state-000000004.pt'})" in err, err
+    assert "not resuming" not in err and not list(work.glob("discarded-*"))
+    a, b = load_torch(setup[4] / "generator.pt"), load_torch(tmp_path / "out" / "generator.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    strip = [{k: v for k, v in r.items() if k != "eval"} for r in _records(tmp_path / "out" / "log.jsonl")]
+    assert _records(setup[4] / "log.jsonl") == strip  # eval points (own RNG) are the only addition
+    if change == {"log_every": 5}:
+        assert_bitwise_equal(setup[4], tmp_path / "out")
+
+
+def test_an_lr_change_refuses_to_resume_names_it_and_keeps_the_files(setup, tmp_path, capfd):
+    """A key that matters: the run starts from step 0, the warning names distill.lr_g with both values and where the
+    old files went; they are all there, and moved back under the old settings they resume bitwise."""
+    work = tmp_path / "work"
+    _run(setup, tmp_path / "out", work, stop_after=4)
+    old_lr = setup[1].distill.lr_g
+    capfd.readouterr()
+    _run(setup, tmp_path / "out2", work, exp=_with(setup, lr_g=old_lr * 2), stop_after=2)
+    err = capfd.readouterr().err
+    (aside,) = work.glob("discarded-*")
+    assert f"distill.lr_g: {old_lr!r} -> {old_lr * 2!r}" in err and str(aside) in err, err
+    assert "starts from step 0" in err and "resuming from step" not in err
+    assert sorted(p.name for p in aside.iterdir()) == ["log.jsonl", "settings.json", "state-000000002.pt",
+                                                       "state-000000004.pt"]
+    assert [p.name for p in work.glob("state-*")] == ["state-000000002.pt"]  # the new run's own
+    restored = tmp_path / "restored"
+    aside.rename(restored)
+    capfd.readouterr()
+    _run(setup, tmp_path / "out", restored)
+    assert "resuming from step 4" in capfd.readouterr().err
+    assert_bitwise_equal(setup[4], tmp_path / "out")
+
+
+def test_a_state_of_the_older_fingerprint_still_resumes(setup, tmp_path, capfd):
+    """States an older mct wrote (fingerprint over every key and the files' bytes, no settings.json) resume when the
+    settings are the same, rather than being set aside by the upgrade."""
+    from mct.train import _legacy_fingerprint
+
+    world, exp, teacher, student, ref = setup
+    work = tmp_path / "work"
+    _run(setup, tmp_path / "out", work, stop_after=4)
+    for p in work.glob("state-*.pt"):
+        state = load_torch(p)
+        state["fingerprint"] = _legacy_fingerprint(exp, teacher, student)
+        torch.save(state, p)
+    (work / resume.SETTINGS).unlink()
+    capfd.readouterr()
+    _run(setup, tmp_path / "out", work)
+    assert "resuming from step 4" in capfd.readouterr().err
+    assert_bitwise_equal(ref, tmp_path / "out")
+
+
+def test_a_teacher_trained_again_is_the_same_teacher(setup, tmp_path, capfd):
+    """The other engine's training of the same teacher differs only in its wall-clock record (meta): the state
+    resumes. Other weights are another teacher, named as the change."""
+    world, exp, teacher, student, ref = setup
+    work = tmp_path / "work"
+    _run(setup, tmp_path / "out", work, stop_after=4)
+    ckpt = load_torch(teacher)
+    ckpt["meta"] = {**ckpt["meta"], "seconds": ckpt["meta"].get("seconds", 0) + 1.5}
+    again = tmp_path / "teacher_again.pt"
+    torch.save(ckpt, again)
+    assert again.read_bytes() != teacher.read_bytes()
+    capfd.readouterr()
+    distill(world, exp, again, student, tmp_path / "out", work, progress=False)
+    assert "resuming from step 4" in capfd.readouterr().err
+    assert_bitwise_equal(ref, tmp_path / "out")
+    next(iter(ckpt["state_dict"].values())).view(-1)[0] += 1.0
+    torch.save(ckpt, again)
+    distill(world, exp, again, student, tmp_path / "out", work, progress=False, stop_after=2)
+    assert "changed: teacher_file: 'content:" in capfd.readouterr().err
