@@ -218,7 +218,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mct.report import build_report
 
     params = _params(args)
-    out = build_report(params, args.suite or params.suite, Path(args.out or paths.REPORTS))
+    suite = args.suite or params.suite
+    out = build_report(params, suite, Path(args.out or paths.report_dir(suite, params.suite)))
     print(f"report -> {out}")
     return 0
 
@@ -253,7 +254,10 @@ STAGES: list[tuple[str, str, object, dict[str, dict]]] = [
     ("sample", "draw one-step samples from a distilled generator", cmd_sample,
      {**_RUN_SEED, "--experiment": _NAME, "--generator": {}, "--out": {}, "--num": _INT, "--seed": _INT}),
     ("evaluate", "metrics of a distilled experiment", cmd_evaluate, {**_RUN_SEED, "--experiment": _NAME, "--out": {}}),
-    ("report", "tables and figures of a suite into reports/", cmd_report, {"--suite": {}, "--out": {}}),
+    ("report", "tables and figures of a suite into reports/ (the default suite) or reports/suites/<suite>/",
+     cmd_report, {"--suite": {"help": "the suite to report (default: params.yaml `suite`)"},
+                  "--out": {"help": "the folder to write (default: reports/ for the default suite, "
+                                    "reports/suites/<suite>/ for any other)"}}),
 ]
 
 

@@ -8,7 +8,8 @@ RUNS = Path("runs")
 REPORTS = Path("reports")
 # benchmark outputs the report shows (written by the benchmarks/ script of the same name)
 REPORT_BENCHMARKS = tuple(REPORTS / "benchmarks" / name
-                          for name in ("estep_fidelity", "toy2d_sweep", "toy2d_precision", "estep_chain"))
+                          for name in ("estep_fidelity", "toy2d_sweep", "toy2d_precision", "estep_chain",
+                                       "toy2d_exact"))
 
 
 def world_data(world: str, suffix: str = ".npz") -> Path:
@@ -61,9 +62,7 @@ def teacher_metrics(teacher: str) -> Path:
     return REPORTS / "teachers" / f"{teacher}.json"
 
 
-def metrics_file() -> Path:
-    return REPORTS / "metrics.json"
-
-
-def report_index() -> Path:
-    return REPORTS / "index.md"
+def report_dir(suite: str, default_suite: str) -> Path:
+    """A suite's report folder: reports/ for params.yaml's default suite, reports/suites/<suite>/ for any other, so
+    that building one suite's page (`mct report --suite smoke`) never overwrites another suite's."""
+    return REPORTS if suite == default_suite else REPORTS / "suites" / suite

@@ -36,7 +36,7 @@ import pandas as pd
 
 from mct import paths
 from mct.config import Params
-from mct.report_claims import claims_table, discussion
+from mct.report_claims import claims_table, discussion, judged_metrics, measurements_table, summary
 from mct.report_collect import (
     EXPERIMENT_KEYS,
     NOT_RUN,
@@ -95,6 +95,16 @@ class Page:
     def figure(self, name: str, caption: str) -> None:
         self.blocks.append(("figure", name, caption))
 
+    def link(self, label: str, href: str) -> None:
+        """A line linking another page; ``href`` without its suffix: index.md links .md, index.html links .html."""
+        self.blocks.append(("link", label, href))
+
+    def lead(self, heading: str, paragraphs: Sequence[str]) -> None:
+        """A section that opens the page (after its links), whatever was added before it: the answer comes first
+        although it is computed last."""
+        at = next((i for i, b in enumerate(self.blocks) if b[0] != "link"), len(self.blocks))
+        self.blocks[at:at] = [("h", 2, heading), *(("p", t) for t in paragraphs)]
+
     def sections(self) -> list[str]:
         return [b[2] for b in self.blocks if b[0] == "h" and b[1] == 2]
 
@@ -106,6 +116,8 @@ class Page:
                 out += ["#" * b[1] + " " + b[2], ""]
             elif b[0] == "p":
                 out += [b[1], ""]
+            elif b[0] == "link":
+                out += [f"[{b[1]}]({b[2]}.md)", ""]
             elif b[0] == "figure":
                 out += [f"![{b[2]}](figures/{b[1]})", "", f"*{b[2]}*", ""]
             else:
@@ -129,6 +141,8 @@ class Page:
                 body.append(f"<h{b[1]}{anchor}>{e(b[2])}</h{b[1]}>")
             elif b[0] == "p":
                 body.append(f"<p>{e(b[1])}</p>")
+            elif b[0] == "link":
+                body.append(f'<p class="link"><a href="{e(b[2])}.html">{e(b[1])}</a></p>')
             elif b[0] == "figure":
                 body.append(f'<figure><img src="figures/{e(b[1])}" alt="{e(b[2])}">'
                             f"<figcaption>{e(b[2])}</figcaption></figure>")
@@ -278,7 +292,8 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     return {"entries": we, "reference": ref, "k_members": members["K"]}
 
 
-def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
+def _build(params: Params, suite: str | None, src: Sources, out: Path,
+           links: Sequence[tuple[str, str]] = ()) -> None:
     from mct.worlds.registry import make_world
 
     tables, figures = out / "tables", out / "figures"
@@ -294,10 +309,12 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
     metrics = {e.name: metrics_record(e, kinds[e.world]) for e in entries}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
-    from mct.claims import CLAIMS, evaluate_claims
+    from mct.claims import CLAIMS, MEASUREMENTS, evaluate_claims, holm, not_judged
 
     suite_name = suite or params.suite
     page = Page(f"Mode-Covering Training report: suite {suite_name}")
+    for label, href in links:
+        page.link(label, href)
     absent = [e.name for e in entries if not ran(e)]
     if absent:
         page.p(f"{len(entries) - len(absent)} of {len(entries)} teachers and experiments of the suite have "
@@ -315,13 +332,19 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
                "empty; `dvc repro` (or `dvc pull` from a remote) restores them. Every number in the tables comes "
                "from the evaluator records and is unaffected.")
     worlds = params.suite_worlds(suite)
-    results = evaluate_claims(CLAIMS, seed_records(entries, src), worlds)
+    records = seed_records(entries, src)
+    primary = {w: kinds[w].primary_metrics for w in worlds}
+    judged = {w: judged_metrics(kinds[w]) for w in worlds}
+    results = holm(evaluate_claims(CLAIMS, records, worlds, primary, judged))  # the page's claims: one family
+    measured = evaluate_claims(MEASUREMENTS, records, worlds)
     page.h(2, "Claims")
     if any(r.n > 0 for r in results):
-        page.table(claims_table(results, kinds, CLAIMS))
+        page.table(claims_table(results, kinds, CLAIMS, not_judged(CLAIMS, worlds, primary, judged)))
     else:
         page.p("No claim of mct.claims.CLAIMS is testable in this suite: it does not run the experiments they "
                "compare.")
+    if any(r.n > 0 for r in measured):
+        page.table(measurements_table(measured, kinds))
     page.p("Metrics. " + METRIC_DEFINITIONS)
     page.h(2, "Provenance")
     paras, prov = provenance([e for e in entries if ran(e)], src, params)
@@ -342,22 +365,47 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path) -> None:
         per_world[w] = _add_world(page, params, w, entries, src, figures, kinds, results, carriers)
     # the E-step benchmarks' sections, if they have run
     from mct.report_estep import add_estep_chain, add_estep_fidelity, add_toy2d_sweep
+    from mct.report_exact import add_toy2d_exact
     from mct.report_precision import add_toy2d_precision
 
     add_estep_fidelity(page, src.reports_in / "benchmarks" / "estep_fidelity", figures)
     add_toy2d_sweep(page, src.reports_in / "benchmarks" / "toy2d_sweep")
     add_toy2d_precision(page, src.reports_in / "benchmarks" / "toy2d_precision")
+    add_toy2d_exact(page, src.reports_in / "benchmarks" / "toy2d_exact", figures)
     add_estep_chain(page, src.reports_in / "benchmarks" / "estep_chain", figures)
     page.h(2, "Paper-scale results")
-    for t in paper_tables(params, worlds, per_world):
+    scale = [*paper_tables(params, worlds, per_world), text_to_image_table(params, worlds, per_world)]
+    for t in scale:
         _put(page, t)
-    _put(page, text_to_image_table(params, worlds, per_world))
+    settings = {e.name: e.setting for e in entries if e.kind == "experiment"}
+    answer = summary(results, kinds, worlds, settings)
+    # the EMD paper's own rows: what of them this page lacks, and why (the paper table's line, computed)
+    answer.append(f"Paper scale: {scale[0].missing}" if scale[0].missing else
+                  "Paper scale: every row of the EMD paper's table has ours beside it.")
+    page.lead("Summary", answer)
 
     for b in page.blocks:
         if b[0] == "table":
             _write_table(b[1], tables)
     (out / "index.md").write_text(page.markdown(), encoding="utf-8")
     (out / "index.html").write_text(page.html(), encoding="utf-8")
+
+
+def suite_links(params: Params, suite: str, out_dir: Path, root: Path) -> list[tuple[str, str]]:
+    """(label, href without suffix) of every other suite's page that exists under ``root`` (laid out as
+    paths.report_dir lays out reports/), relative to ``out_dir``: the pages of one folder link each other. A page
+    built elsewhere (``--out``) links nothing, so where it is written does not change what it says."""
+    here = Path(out_dir).resolve()
+    if here != (Path(root) / paths.report_dir(suite, params.suite).relative_to(paths.REPORTS)).resolve():
+        return []
+    links = []
+    for s in params.suites:
+        d = (Path(root) / paths.report_dir(s, params.suite).relative_to(paths.REPORTS)).resolve()
+        if s == suite or d.resolve() == here or not (d / "index.html").exists():
+            continue
+        label = f"Report of suite {s}" + (" (the default suite)" if s == params.suite else "")
+        links.append((label, Path(os.path.relpath(d / "index", here)).as_posix()))
+    return links
 
 
 OWNED_DIRS = ("tables", "figures")
@@ -382,7 +430,7 @@ def build_report(params: Params, suite: str | None, out_dir: str | os.PathLike =
     try:
         new = tmp / "new"
         new.mkdir()
-        _build(params, suite, src, new)
+        _build(params, suite, src, new, suite_links(params, suite or params.suite, out_dir, src.reports_in))
         old = tmp / "old"
         old.mkdir()
         # Publish: swap each owned folder by rename (the old copy goes to tmp and is deleted), then the files;

@@ -45,7 +45,7 @@ UP, DOWN = "\u2191", "\u2193"
 METRIC_NAMES = {"precision": f"precision {UP}", "recall": f"recall {UP}", "modes_covered": f"modes covered {UP}",
                 "mode_tv": f"mode TV {DOWN}", "mode_precision": f"mode precision {UP}", "nll": f"NLL (nats) {DOWN}",
                 "samples_per_s": f"samples/s {UP}", "sec_per_iter": f"sec/iter {DOWN}",
-                "clip_score": f"CLIP score {UP}"}
+                "clip_score": f"CLIP score {UP}", "convergence_auc": f"convergence AUC {DOWN}"}
 METRIC_DEFINITIONS = (
     "FD (2-D): Frechet distance between Gaussians fitted to the 2-D points themselves (toy2d). "
     "FD (digits classifier): the same distance in the penultimate features of a classifier trained on the digits "
@@ -108,8 +108,8 @@ def with_interval(entry: Entry | None, key: str, value: Any) -> Any:
 
 
 def fmt(v: Any) -> str:
-    """Cell text: strings stay, null -> 'n/a', floats to 4 significant digits, booleans yes/no, a seed mean with
-    its interval as 'mean [lo, hi]'."""
+    """Cell text: strings stay, null -> 'n/a', floats to 3 significant digits (what 3-5 seeds resolve), booleans
+    yes/no, a seed mean with its interval as 'mean [lo, hi]'."""
     if isinstance(v, Estimate):
         return str(v)
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -119,7 +119,7 @@ def fmt(v: Any) -> str:
     if isinstance(v, (int, np.integer)):
         return str(int(v))
     if isinstance(v, (float, np.floating)):
-        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.3g}"
     return str(v)
 
 

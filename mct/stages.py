@@ -226,6 +226,10 @@ def _teacher_world(p: Params, t: str) -> str:
     return p.teacher(t).world
 
 
+# what the report stage writes into its suite's folder
+REPORT_OUTPUTS = {"metrics": "metrics.json", "index_md": "index.md", "index_html": "index.html",
+                  "tables": "tables", "figures": "figures"}
+
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "prepare", "world",
           names=lambda p, s: p.suite_worlds(s),
@@ -330,9 +334,8 @@ STAGES: tuple[Stage, ...] = (
               "teacher_nets": [str(paths.teacher_file(t)) for t in p.suite_teachers(s)],
               # the E-step benchmarks' committed outputs, shown in their own sections when present
               "benchmarks": [str(d) for d in paths.REPORT_BENCHMARKS if Path(d).exists()]},
-          outputs=lambda p, s: {"metrics": str(paths.metrics_file()), "index_md": str(paths.report_index()),
-                                "index_html": str(paths.REPORTS / "index.html"),
-                                "tables": str(paths.REPORTS / "tables"), "figures": str(paths.REPORTS / "figures")},
+          # the default suite's page is reports/, any other suite's reports/suites/<suite>/ (paths.report_dir)
+          outputs=lambda p, s: {k: str(paths.report_dir(s, p.suite) / f) for k, f in REPORT_OUTPUTS.items()},
           params=lambda p, s: _unique([f"suites.{s}"] + [f"experiments.{e}" for e in p.suite_experiments(s)]
                                       + [f"templates.{t}" for t in sorted({p.experiment(e).template
                                                                           for e in p.suite_experiments(s)} - {""})]

@@ -119,18 +119,139 @@ def test_verdict_rejects_unknown_direction():
         verdict(1.0, 2.0, 3, "sideways")
 
 
+def _params_primary():
+    """Per world of params.yaml: its primary metrics and what claims may rest on, as the report passes them."""
+    from mct.config import load_params
+    from mct.report_claims import judged_metrics
+    from mct.worlds.registry import make_world
+
+    params = load_params("params.yaml")
+    kinds = {w: make_world(w, params.worlds[w]) for w in params.worlds}
+    return ({w: k.primary_metrics for w, k in kinds.items()}, {w: judged_metrics(k) for w, k in kinds.items()})
+
+
+ALL_METRICS = ("fid", "precision", "recall", "modes_covered", "mode_tv", "mode_precision", "nll", "convergence_auc")
+
+
 def test_paper_claims_on_one_seed_records_are_inconclusive():
-    """Today's metrics hold one seed per experiment: every claim the records can test says n=1."""
+    """One seed per experiment: every claim the records can test says n=1, on each primary metric of its world."""
+    primary, judged = _params_primary()
     names = sorted({e for c in CLAIMS for _, comp in c.comparisons() for e in comp})
-    data = records([(e, 0, {"fid": 1.0 + i, "recall": 0.5, "modes_covered": 20, "K": 2 ** (1 + i % 4),
-                            "sec_per_iter": 0.01 * (1 + i % 4), "convergence_auc": 0.1}) for i, e in enumerate(names)])
-    results = evaluate_claims(CLAIMS, data)
-    assert ({(r.claim.key, r.world, r.compared) for r in results}
-            == {(c.key, w, comp) for c in CLAIMS for w, comp in c.comparisons()})
-    assert {r.label for r in results} == {"inconclusive (n=1)"}
-    assert evaluate_claims(CLAIMS, data, worlds=["digits"]) and all(
-        r.world == "digits" for r in evaluate_claims(CLAIMS, data, worlds=["digits"]))
-    assert evaluate_claims(CLAIMS, data[data.experiment != "toy2d_di"], worlds=["toy2d"])  # others remain
+    data = records([(e, 0, {**{m: 1.0 + i for m in ALL_METRICS}, "K": 2 ** (1 + i % 4)})
+                    for i, e in enumerate(names)])
+    results = evaluate_claims(CLAIMS, data, primary=primary, judged=judged)
+    want = {(c.key, w, comp, m) for c in CLAIMS for w, comp in c.comparisons()
+            for m, _ in c.metrics(primary[w], judged[w])}
+    assert {(r.claim.key, r.world, r.compared, r.metric) for r in results} == want
+    assert {r.label for r in results} == {"inconclusive (n=1)"} and {r.p for r in results} == {None}
+    digits = evaluate_claims(CLAIMS, data, worlds=["digits"], primary=primary, judged=judged)
+    assert digits and all(r.world == "digits" for r in digits)
+    assert evaluate_claims(CLAIMS, data[data.experiment != "toy2d_di"], worlds=["toy2d"], primary=primary,
+                           judged=judged)  # others remain
+
+
+def test_no_verdict_rests_on_a_metric_the_world_does_not_declare_primary():
+    """toy2d's FD (2-D) and k-NN recall see neither mode coverage nor sample quality: no claim is judged on them;
+    the EMD-vs-Diff-Instruct claim is judged on modes covered, mode TV, mode precision and NLL; digits' convergence
+    (pixel FD, not its feature space's FD) is named as not judged."""
+    primary, judged = _params_primary()
+    names = sorted({e for c in CLAIMS for _, comp in c.comparisons() for e in comp})
+    data = records([(e, s, {**{m: 1.0 + i + 0.1 * s for m in ALL_METRICS}, "K": 2 ** (1 + i % 4)})
+                    for i, e in enumerate(names) for s in range(3)])
+    results = evaluate_claims(CLAIMS, data, primary=primary, judged=judged)
+    toy = [r for r in results if r.world.startswith("toy2d")]
+    assert toy and not [r for r in toy if r.metric in ("fid", "recall", "precision")]
+    assert [r.metric for r in toy if r.claim.key == "emd_beats_di" and r.world == "toy2d"] == \
+        ["modes_covered", "mode_tv", "mode_precision", "nll"]
+    assert {r.metric for r in results if r.world == "digits"} == {"fid", "precision", "recall"}
+    from mct.claims import not_judged
+
+    assert [(c.key, w) for c, w in not_judged(CLAIMS, list(primary), primary, judged)] == [("emd_converge", "digits")]
+    # The direction of better comes from the world: mode TV and NLL lower, the others higher.
+    assert {r.metric: r.better for r in toy} == {"modes_covered": "higher", "mode_tv": "lower",
+                                                 "mode_precision": "higher", "nll": "lower",
+                                                 "convergence_auc": "lower"}
+
+
+def test_cost_linear_in_k_is_a_measurement_not_a_claim():
+    from mct.claims import MEASUREMENTS
+
+    assert not [c for c in CLAIMS if c.kind == "linear" or c.metric == "sec_per_iter"]
+    assert [c.key for c in MEASUREMENTS] == ["cost_linear"]
+
+
+def test_t_test_p_agrees_with_scipy_and_the_interval():
+    from scipy import stats
+
+    from mct.claims import t_test_p
+
+    for diffs in ([1.0, 2.0, 3.0, 4.0], [-1.0, 1.0, -0.5, 0.6], [0.2, 0.25, 0.22]):
+        r = evaluate_claim(claim("higher"), "w", paired(diffs))
+        assert r.p == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-9)
+        assert (r.p < 0.05) == (r.verdict != "inconclusive")
+    assert t_test_p(2.0, 0.0, 3) == 0.0 and t_test_p(0.0, 0.0, 3) == 1.0 and t_test_p(1.0, 1.0, 1) is None
+
+
+def test_holm_adjust_known_values():
+    from mct.claims import holm_adjust
+
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): 4*0.005, 3*0.01, 2*0.03, max(0.06, 1*0.04); None is not in the family
+    assert holm_adjust([0.01, 0.04, None, 0.03, 0.005]) == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
+    assert holm_adjust([0.9, 0.3]) == pytest.approx([0.9, 0.6])
+    assert holm_adjust([0.6, 0.7, 0.1]) == pytest.approx([1.0, 1.0, 0.3])
+
+
+def test_holm_verdicts_over_a_family():
+    """A raw 'reproduced' that does not survive the family-wise correction reads 'inconclusive' after Holm; a strong
+    effect stays; a contradicted one keeps its side."""
+    from mct.claims import holm
+
+    strong = evaluate_claim(claim("higher"), "w", paired([2.0, 2.1, 1.9, 2.05]))
+    weak = evaluate_claim(claim("higher"), "w", paired([0.3, 1.0, 0.5, 0.9]))
+    against = evaluate_claim(claim("lower"), "w", paired([2.0, 2.1, 1.9, 2.05]))
+    nulls = [evaluate_claim(claim("higher"), "w", paired([-1.0, 1.0, -0.5, 0.6])) for _ in range(6)]
+    fam = holm([strong, weak, against, *nulls])
+    assert weak.verdict == "reproduced" and 0.01 < weak.p < 0.05
+    assert weak.p_holm == pytest.approx(min(1.0, 7 * weak.p)) and weak.verdict_holm == "inconclusive"
+    assert strong.verdict_holm == "reproduced" and against.verdict_holm == "contradicted"
+    assert all(r.verdict_holm == "inconclusive" for r in fam[3:])
+    alone = holm([evaluate_claim(claim("higher"), "w", paired([0.3, 1.0, 0.5, 0.9]))])[0]
+    assert alone.p_holm == pytest.approx(alone.p) and alone.verdict_holm == "reproduced"
+
+
+def test_primary_claim_takes_each_metric_and_its_direction_from_the_world():
+    from mct.claims import PRIMARY, not_judged
+
+    rows = []
+    for s in range(3):
+        rows += [("A", s, {"a": 2.0 + s, "b": 2.0 + s, "fd": 0.0}), ("B", s, {"a": 1.0 + s, "b": 1.0 + s, "fd": 1.0})]
+    c = Claim("p", "A beats B", PRIMARY, "", {"w": ("A", "B")})
+    primary = {"w": (("a", "higher"), ("b", "lower"))}
+    res = evaluate_claims([c], records(rows), primary=primary)
+    assert [(r.metric, r.better, r.verdict) for r in res] == [("a", "higher", "reproduced"),
+                                                              ("b", "lower", "contradicted")]
+    blind = Claim("fd", "A has lower FD", "fd", "lower", {"w": ("A", "B")})
+    assert evaluate_claims([blind], records(rows), primary=primary) == []
+    assert evaluate_claims([blind], records(rows))[0].verdict == "reproduced"  # no primary metrics given: as named
+    assert [(x.key, w) for x, w in not_judged([c, blind], ["w"], primary)] == [("fd", "w")]
+    with pytest.raises(ValueError, match="primary"):
+        evaluate_claim(c, "w", records(rows))
+
+
+def test_recall_gain_bought_with_precision_is_named():
+    from mct.claims import COVERAGE_CAVEAT
+
+    def data(prec_drop: float):
+        rows = []
+        for s in range(3):
+            rows += [("A", s, {"recall": 0.9 + 0.01 * s, "precision": 0.8 - prec_drop + 0.001 * s * s}),
+                     ("B", s, {"recall": 0.8, "precision": 0.8})]
+        return records(rows)
+
+    c = Claim("r", "A has higher recall", "recall", "higher", {"w": ("A", "B")})
+    bought = evaluate_claim(c, "w", data(0.3))
+    assert bought.verdict == "reproduced" and bought.caveat.startswith(COVERAGE_CAVEAT + ": precision -0.298 [")
+    assert evaluate_claim(c, "w", data(0.0)).caveat == ""  # precision held: plain mode covering
 
 
 def test_claim_with_two_comparisons_in_a_world_tests_each():

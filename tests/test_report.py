@@ -235,8 +235,11 @@ def test_no_table_holds_a_not_run_cell(built):
     assert len(cells) > 200 and not [c for c in cells if NOT_RUN in c]
     for f in sorted((out / "tables").iterdir()):
         assert NOT_RUN not in f.read_text(), f.name
-    title, toc, first = md.split("\n\n")[:3]
-    assert title.startswith("# ") and toc.startswith("- [Claims](#claims)")
+    blocks = md.split("\n\n")
+    title, toc = blocks[:2]
+    assert title.startswith("# ") and toc.startswith("- [Summary](#summary)\n- [Claims](#claims)")
+    first = blocks[blocks.index("## Claims") - 2]  # the inventory line, then the missing-inputs line
+    assert blocks.index("## Summary") < blocks.index("## Claims")
     assert first == ("8 of 10 teachers and experiments of the suite have metrics; no metrics, so in no table: "
                      "digits_conv, tiny_scratch. Machine-readable metrics: metrics.json.")
     prov = table(root, "provenance")
@@ -446,7 +449,7 @@ def test_html_in_headless_chromium(built, tmp_path):
     n_tables = (out / "index.md").read_text().count("\nFiles: [tables/")
     assert n_tables >= 12 and len(files) == 2 * n_tables  # csv + tex per table
     assert all((out / h).is_file() for h in files), files
-    want = ["#claims", "#provenance", "#world-digits-digits", "#world-toy2d-toy2d", "#paper-scale-results"]
+    want = ["#summary", "#claims", "#provenance", "#world-digits-digits", "#world-toy2d-toy2d", "#paper-scale-results"]
     assert [a["href"] for a in anchors] == want
     assert all(a["target"] for a in anchors)
 
@@ -474,17 +477,19 @@ def test_claims_table_and_generated_discussion(built, tmp_path, monkeypatch):
 
     root, params, _ = built
     monkeypatch.setattr(claims, "CLAIMS", (
-        claims.Claim("agree", "EMD-K reaches a lower FD than Diff-Instruct", "fid", "lower",
-                     {"toy2d": ("tiny_emd", "tiny_di")}),  # 3.0 - 9.0 < 0: the paper's side
-        claims.Claim("disagree", "More steps help", "fid", "lower",
-                     {"toy2d": ("tiny_emd", "tiny_emd_k8")}, table="K"),  # 3.0 - 2.0 > 0: the other side
-        claims.Claim("absent", "Scratch", "fid", "lower", {"toy2d": ("tiny_emd", "tiny_scratch")}),  # no metrics
+        claims.Claim("agree", "EMD-K reaches a lower mode TV than Diff-Instruct", "mode_tv", "lower",
+                     {"toy2d": ("tiny_emd", "tiny_di")}),  # 0.06 - 0.18 < 0: the paper's side
+        claims.Claim("disagree", "More steps help", "mode_tv", "lower",
+                     {"toy2d": ("tiny_emd", "tiny_emd_k8")}, table="K"),  # 0.06 - 0.04 > 0: the other side
+        claims.Claim("absent", "Scratch", "mode_tv", "lower", {"toy2d": ("tiny_emd", "tiny_scratch")}),  # no metrics
+        claims.Claim("blind", "EMD-K reaches a lower FD", "fid", "lower", {"toy2d": ("tiny_emd", "tiny_di")}),
     ))
     build_report(params, "report", tmp_path, reports_in=root / "reports", runs_dir=root / "runs")
     c = pd.read_csv(tmp_path / "tables" / "claims.csv", dtype=str, keep_default_na=False)
-    assert list(c.claim) == ["EMD-K reaches a lower FD than Diff-Instruct", "More steps help"]
-    assert list(c["n (seeds)"]) == ["1", "1"] and list(c["mean"]) == ["-6.0", "1.0"]
-    assert list(c.verdict) == ["inconclusive (n=1)"] * 2 and list(c["95% CI low"]) == ["", ""]
+    assert list(c.claim) == ["EMD-K reaches a lower mode TV than Diff-Instruct", "More steps help"]
+    assert list(c["n"]) == ["1", "1"] and [float(v) for v in c["mean [95% CI]"]] == pytest.approx([-0.12, 0.02])
+    assert list(c.verdict) == ["inconclusive (n=1)"] * 2 and list(c["p"]) == ["", ""]
+    assert list(c["Holm verdict"]) == ["inconclusive"] * 2
     md = (tmp_path / "index.md").read_text()
     assert md.index("## Claims") < md.index("## Provenance") < md.index("## World")
     assert md.count("Paper: more steps help.") == 1 and "Paper: eMD-K" not in md and "Paper: EMD-K" not in md
@@ -493,6 +498,9 @@ def test_claims_table_and_generated_discussion(built, tmp_path, monkeypatch):
     assert "1,500" not in md and "iterations against the paper's >= 100,000" in md
     # The claims that no world of the suite could test are named in the note; tested ones are not.
     assert "Not tested here (this suite has no data for them): 'Scratch'." in md
+    # FD (2-D) is no primary metric of toy2d: the claim on it is named, never judged
+    assert "Not judged (the claim's metric is not a primary metric of the world): 'EMD-K reaches a lower FD' on " \
+        "toy2d (fid)." in md
     assert "faster convergence" not in md
 
 
@@ -557,3 +565,31 @@ def test_digits_noise_floor_through_the_feature_network(tmp_path):
     floor = report.noise_floor(world, 2000, tmp_path / "f.pt")
     assert (floor["count"], floor["reference_count"]) == (1438, 359)  # sklearn's 1,797 digits, 20% held out
     assert 0 <= floor["fid"] < 1 and 0 < floor["precision"] <= 1 and 0 < floor["recall"] <= 1
+
+
+def test_each_suite_has_its_own_folder_and_the_pages_link_each_other(built, tmp_path):
+    """The default suite's page is reports/, any other suite's reports/suites/<suite>/ (both engines' outputs and
+    `mct report`'s default): building one never touches the other, and each links the other once it exists."""
+    from mct import paths
+    from mct.stages import BY_NAME
+
+    root, params, _ = built
+    assert paths.report_dir("smoke", params.suite) == paths.REPORTS
+    report_stage = BY_NAME["report"]
+    assert report_stage.outputs(params, "toy_only")["index_html"] == "reports/suites/toy_only/index.html"
+    assert report_stage.outputs(params, "smoke")["metrics"] == "reports/metrics.json"
+    copy_root = tmp_path / "r"
+    shutil.copytree(root, copy_root)
+    reports = copy_root / "reports"
+    build_report(params, "smoke", reports, reports_in=reports, runs_dir=copy_root / "runs")
+    before = hashes(reports / "tables")
+    other = reports / "suites" / "toy_only"
+    build_report(params, "toy_only", other, reports_in=reports, runs_dir=copy_root / "runs")
+    assert hashes(reports / "tables") == before  # the default page is untouched
+    assert "[Report of suite smoke (the default suite)](../../index.md)" in (other / "index.md").read_text()
+    build_report(params, "smoke", reports, reports_in=reports, runs_dir=copy_root / "runs")
+    assert '<a href="suites/toy_only/index.html">Report of suite toy_only</a>' in (reports / "index.html").read_text()
+    # built elsewhere (--out), a page links nothing
+    elsewhere = tmp_path / "elsewhere"
+    build_report(params, "toy_only", elsewhere, reports_in=reports, runs_dir=copy_root / "runs")
+    assert "Report of suite" not in (elsewhere / "index.md").read_text()

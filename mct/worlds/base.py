@@ -73,6 +73,11 @@ class World(ABC):
     conditional_metric_keys: ClassVar[tuple[str, ...]] = ()  # keys of conditional_metrics() (e.g. clip_score)
     convergence_metric: ClassVar[str | None] = None  # the training_metric() key convergence_auc integrates
     convergence_panels: ClassVar[tuple[str, ...]] = ()  # training_metric() keys the report plots over training
+    # The metrics that can see what distillation changes in this world (mode coverage, sample quality), as
+    # (metrics.json key, "higher" | "lower" better): the report judges claims on these alone and leads with them;
+    # every other metric is a secondary column. A metric blind to the effect would make a verdict meaningless.
+    primary_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "lower"), ("precision", "higher"),
+                                                                ("recall", "higher"))
     sample_figure: ClassVar[str] = "grid"  # the report's sample figure: 'points' (a scatter) or 'grid' (images)
     eval_needs: ClassVar[EvalNeeds] = EvalNeeds()
     # distillation, sampling and evaluation read the prepared data file (text2image: the prompts); other worlds'

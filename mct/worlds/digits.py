@@ -151,6 +151,7 @@ class Digits(World):
     # the pixel-space Frechet distance to the held-out split: cheap enough to score training
     convergence_metric = "fd_pixels"
     convergence_panels = ("fd_pixels",)
+    primary_metrics = (("fid", "lower"), ("precision", "higher"), ("recall", "higher"))  # in the classifier's features
 
     @property
     def data_shape(self) -> tuple[int, ...]:

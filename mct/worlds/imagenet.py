@@ -436,6 +436,7 @@ class ImageNet(World):
     fd_name = "FID"
     samples_uint8 = True
     takes_published_checkpoints = True
+    primary_metrics = (("fid", "lower"), ("precision", "higher"), ("recall", "higher"))  # the paper's Table 1
     eval_needs = EvalNeeds(mem_mb=32000, runtime=720, gpu=1, ref_threads=8)
 
     @classmethod

@@ -53,6 +53,7 @@ class Text2Image(World):
     fd_name: ClassVar[str] = "FID"
     samples_uint8: ClassVar[bool] = True
     conditional_metric_keys: ClassVar[tuple[str, ...]] = ("clip_score",)
+    primary_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "lower"), ("clip_score", "higher"))  # DMD
     sample_figure: ClassVar[str] = "grid"
     # Inception and CLIP ViT-g-14 over 30k images at 256 px: a GPU and hours
     eval_needs: ClassVar[EvalNeeds] = EvalNeeds(mem_mb=32000, runtime=8 * 60, gpu=1, ref_threads=4)

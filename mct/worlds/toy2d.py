@@ -43,6 +43,11 @@ class Toy2D(World):
     # mode TV: the mode-covering target (0 = exact weights); lower is better
     convergence_metric = "mode_tv"
     convergence_panels = ("mode_tv", "fd_2d", "modes_covered")
+    # one Gaussian fitted to 2-D points (FD (2-D)) cannot see which modes are hit: the teacher and Diff-Instruct
+    # score alike on it while their mode precision differs by 0.4; k-NN recall rewards blur. The exact mode
+    # statistics and the NLL under the true mixture can.
+    primary_metrics = (("modes_covered", "higher"), ("mode_tv", "lower"), ("mode_precision", "higher"),
+                       ("nll", "lower"))
     sample_figure = "points"
 
     @cached_property
@@ -62,13 +67,13 @@ class Toy2D(World):
     def exact_data_sample(self, n: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
         return self.mixture.sample(n, generator=rng).to(device)
 
+    def exact_log_prob(self, x: Tensor, sigma: float) -> Tensor:
+        return self.mixture.log_prob(x, sigma)
+
     def analytic_denoiser(self) -> nn.Module:
         from mct.worlds.mixture import MixtureDenoiser
 
         return MixtureDenoiser(self.mixture)
-
-    def exact_log_prob(self, x: Tensor, sigma: float) -> Tensor:
-        return self.mixture.log_prob(x, sigma)
 
     def prepare(self, out: Path, num_train: int = 100_000, num_test: int = 20_000) -> None:
         """Fixed train/test draws from the mixture (seed ``cfg.seed``), with the mixture's parameters."""
