@@ -145,11 +145,13 @@ def test_smoke_suite_runs_on_slurm_with_the_repo_profile(cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     import json
 
-    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    # smoke is not params.yaml's default suite: its page is reports/suites/smoke/ (paths.report_dir)
+    metrics = json.loads((repo / "reports" / "suites" / "smoke" / "metrics.json").read_text())
     for name in ("smoke_toy2d_di", "smoke_toy2d_emd"):
         assert metrics[name]["status"] == "ok", metrics[name]
         assert metrics[name]["modes_total"] == 25
-    assert (repo / "reports" / "index.html").exists()
+    page = repo / "reports" / "suites" / "smoke"
+    assert (page / "index.html").exists()
     logs = repo / ".snakemake" / "slurm_logs"
     ran = {p.name for p in logs.iterdir()} if logs.exists() else set()
     for rule in ("rule_prepare", "rule_teacher", "rule_distill", "rule_evaluate", "rule_report"):
@@ -159,5 +161,5 @@ def test_smoke_suite_runs_on_slurm_with_the_repo_profile(cluster, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr[-3000:]
     html = (repo / "sm_report.html").read_text(errors="replace")
-    for fig in sorted((repo / "reports" / "figures").glob("*.png")):
+    for fig in sorted((page / "figures").glob("*.png")):
         assert fig.stem in html, fig.name

@@ -32,8 +32,10 @@ def _validated_params() -> Params:
     return params
 
 
-P = _validated_params()
-SUITE = P.suite
+# The chosen suite runs, but P keeps the params file's own default suite: a suite's page folder
+# (paths.report_dir) depends on that default, so `--config suite=smoke` and `mct report --suite smoke` agree.
+SUITE = _validated_params().suite
+P = load_params(PARAMS_FILE)
 JOBS = {(j.stage, j.name): j for j in stages.jobs(P, SUITE, PARAMS_FILE)}
 
 
