@@ -42,6 +42,34 @@ def _teacher_path(params: Params, name: str) -> Path:
     return paths.teacher_file(name)
 
 
+class MissingInput(FileNotFoundError):
+    """An input of a stage is not there: the message names the file and the command that makes it."""
+
+
+def _need(path: Path, made_by: str) -> Path:
+    """``path`` if it exists; else stop before any work (no output or work folder is created) naming the stage
+    that makes it, and the whole DAG as the other way."""
+    if not Path(path).exists():
+        raise MissingInput(f"{path}: missing; it is made by `{made_by}` (or run the suite's whole DAG: `dvc repro` "
+                           f"or `snakemake --cores all`)")
+    return Path(path)
+
+
+def _seed_flag(args: argparse.Namespace) -> str:
+    return f" --run-seed {args.run_seed}" if getattr(args, "run_seed", None) is not None else ""
+
+
+def _need_teacher(params: Params, name: str, given: str | None = None) -> Path:
+    return _need(Path(given) if given else _teacher_path(params, name), f"mct teacher --teacher {name}")
+
+
+def _need_world_inputs(world) -> None:
+    """The evaluation inputs of a world: its reference statistics and, for image worlds, the feature network."""
+    _need(paths.reference_stats(world.name), f"mct ref-stats --world {world.name}")
+    if world.needs_feature_net:
+        _need(paths.feature_net(world.name), f"mct features --world {world.name}")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     params = _params(args)
     names = params.suite_experiments(args.suite)
@@ -89,7 +117,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         raw.unlink()
         print(f"fetched ADM teacher {args.teacher} ({tcfg.source}) -> {out}")
         return 0
-    data = Path(args.data or world.data_file)
+    data = _need(Path(args.data or world.data_file), f"mct prepare --world {tcfg.world}")
     x, y = world.load_split(data, "train")
     summary = train_teacher(world, tcfg, x, y, out, progress=not args.no_progress)
     print(f"trained teacher {args.teacher} -> {out}: {summary}")
@@ -101,7 +129,7 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     params = _params(args)
     exp, run = _run(params, args)
     world = _world(params, exp.world)
-    teacher = Path(args.teacher or _teacher_path(params, exp.teacher))
+    teacher = _need_teacher(params, exp.teacher, args.teacher)
     out = Path(args.out or paths.student_init(run))
     info = init_student(world, exp, teacher, out)
     print(f"student {args.experiment} -> {out}: {info}")
@@ -113,9 +141,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     params = _params(args)
     exp, run = _run(params, args)
     world = _world(params, exp.world)
-    summary = distill(world, exp,
-                      Path(args.teacher or _teacher_path(params, exp.teacher)),
-                      Path(args.student or paths.student_init(run)),
+    teacher = _need_teacher(params, exp.teacher, args.teacher)
+    student = _need(Path(args.student or paths.student_init(run)),
+                    f"mct init-student --experiment {args.experiment}{_seed_flag(args)}")
+    summary = distill(world, exp, teacher, student,
                       Path(args.out or paths.distill_dir(run)),
                       Path(args.work or paths.work_dir(run)),
                       progress=not args.no_progress, stop_after=args.stop_after)
@@ -135,7 +164,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     params = _params(args)
     exp, run = _run(params, args)
     world = _world(params, exp.world)
-    gen = load_generator(Path(args.generator or paths.distill_dir(run) / "generator.pt"), world, "ema")
+    generator = _need(Path(args.generator or paths.distill_dir(run) / "generator.pt"),
+                      f"mct distill --experiment {args.experiment}{_seed_flag(args)}")
+    gen = load_generator(generator, world, "ema")
     n = args.num or exp.eval.num_samples
     seed = exp.eval.seed if args.seed is None else args.seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,7 +223,9 @@ def cmd_teacher_eval(args: argparse.Namespace) -> int:
     params = _params(args)
     tcfg = params.teacher(args.teacher)
     world = _world(params, tcfg.world)
-    rec = evaluate_teacher(world, args.teacher, tcfg, _teacher_path(params, args.teacher), _feature_path(world),
+    teacher = _need_teacher(params, args.teacher)
+    _need_world_inputs(world)
+    rec = evaluate_teacher(world, args.teacher, tcfg, teacher, _feature_path(world),
                            paths.reference_stats(world.name), args.num or 10000, args.seed,
                            Path(args.out or paths.teacher_metrics(args.teacher)), progress=not args.no_progress)
     print(json.dumps(rec, indent=1))
@@ -205,9 +238,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     params = _params(args)
     exp, run = _run(params, args)
     world = _world(params, exp.world)
-    rec = evaluate_experiment(world, args.experiment, exp, params.teacher(exp.teacher),
-                              paths.samples_file(run), paths.distill_dir(run),
-                              _teacher_path(params, exp.teacher), _feature_path(world),
+    samples = _need(paths.samples_file(run), f"mct sample --experiment {args.experiment}{_seed_flag(args)}")
+    distilled = _need(paths.distill_dir(run), f"mct distill --experiment {args.experiment}{_seed_flag(args)}")
+    teacher = _need_teacher(params, exp.teacher)
+    _need_world_inputs(world)
+    rec = evaluate_experiment(world, args.experiment, exp, params.teacher(exp.teacher), samples, distilled,
+                              teacher, _feature_path(world),
                               paths.reference_stats(world.name),
                               Path(args.out or paths.experiment_metrics(run)))
     print(json.dumps(rec, indent=1))
@@ -234,26 +270,38 @@ def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
 # (name, help, handler, extra options); every stage also takes the common options of _common().
 _NAME = {"required": True}
 _INT = {"type": int, "default": None}
+_TEACHER = {"help": "the teacher file to use instead of params.yaml's (default: runs/teachers/<T>/teacher.pt, as "
+                    "`mct teacher` writes it)"}
+_OUT = {"help": "where to write the stage's output (default: its place under runs/, as the DAG expects)"}
 _RUN_SEED = {"--run-seed": {"type": int, "default": None, "metavar": "K",
                             "help": "one seed of the experiment's `seeds`: distill.seed = K, outputs under E/seedK"}}
 STAGES: list[tuple[str, str, object, dict[str, dict]]] = [
-    ("validate", "check params.yaml and list a suite's experiments", cmd_validate, {"--suite": {}}),
-    ("prepare", "prepare a world's data", cmd_prepare, {"--world": _NAME, "--out": {}}),
-    ("teacher", "train (or fetch) a teacher", cmd_teacher, {"--teacher": _NAME, "--data": {}, "--out": {}}),
+    ("validate", "check params.yaml and list a suite's experiments", cmd_validate,
+     {"--suite": {"help": "the suite to list (default: params.yaml `suite`)"}}),
+    ("prepare", "prepare a world's data", cmd_prepare, {"--world": _NAME, "--out": _OUT}),
+    ("teacher", "train (or fetch, or import) a teacher", cmd_teacher,
+     {"--teacher": _NAME, "--data": {"help": "the prepared data to train on (default: the world's data file)"},
+      "--out": _OUT}),
     ("features", "train the FID feature network of an image world (digits)", cmd_features,
-     {"--world": _NAME, "--out": {}}),
+     {"--world": _NAME, "--out": _OUT}),
     ("ref-stats", "reference FID statistics of a world's held-out split", cmd_ref_stats,
-     {"--world": _NAME, "--out": {}}),
+     {"--world": _NAME, "--out": _OUT}),
     ("teacher-eval", "metrics of the teacher's multistep sampler", cmd_teacher_eval,
-     {"--teacher": _NAME, "--num": _INT, "--seed": {"type": int, "default": 4321}, "--out": {}}),
+     {"--teacher": _NAME, "--num": _INT, "--seed": {"type": int, "default": 4321}, "--out": _OUT}),
     ("init-student", "initialise the one-step generator and score network", cmd_init_student,
-     {**_RUN_SEED, "--experiment": _NAME, "--teacher": {}, "--out": {}}),
+     {**_RUN_SEED, "--experiment": _NAME, "--teacher": _TEACHER, "--out": _OUT}),
     ("distill", "EM distillation (resumes from its last checkpoint)", cmd_distill,
-     {**_RUN_SEED, "--experiment": _NAME, "--teacher": {}, "--student": {}, "--out": {}, "--work": {},
+     {**_RUN_SEED, "--experiment": _NAME, "--teacher": _TEACHER,
+      "--student": {"help": "the initialised student (default: runs/experiments/<run>/student_init.pt)"},
+      "--out": _OUT, "--work": {"help": "resume state (default: runs/work/<run>/; kept across runs, never an output)"},
       "--stop-after": {"type": int, "default": None, "help": argparse.SUPPRESS}}),
     ("sample", "draw one-step samples from a distilled generator", cmd_sample,
-     {**_RUN_SEED, "--experiment": _NAME, "--generator": {}, "--out": {}, "--num": _INT, "--seed": _INT}),
-    ("evaluate", "metrics of a distilled experiment", cmd_evaluate, {**_RUN_SEED, "--experiment": _NAME, "--out": {}}),
+     {**_RUN_SEED, "--experiment": _NAME,
+      "--generator": {"help": "the distilled generator (default: runs/experiments/<run>/distill/generator.pt)"},
+      "--out": _OUT, "--num": {**_INT, "help": "samples to draw (default: the experiment's eval.num_samples)"},
+      "--seed": {**_INT, "help": "sampling seed (default: the experiment's eval.seed)"}}),
+    ("evaluate", "metrics of a distilled experiment", cmd_evaluate,
+     {**_RUN_SEED, "--experiment": _NAME, "--out": _OUT}),
     ("report", "tables and figures of a suite into reports/ (the default suite) or reports/suites/<suite>/",
      cmd_report, {"--suite": {"help": "the suite to report (default: params.yaml `suite`)"},
                   "--out": {"help": "the folder to write (default: reports/ for the default suite, "

@@ -617,7 +617,10 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
             if exp["template"] not in templates:
                 raise ConfigError(f"{key}.template: unknown template {exp['template']!r}; known: {sorted(templates)}")
             merged = deep_merge(templates[exp["template"]], exp)
-        cfg = build(ExperimentConfig, merged, key)
+        try:
+            cfg = build(ExperimentConfig, merged, key)
+        except ConfigError as e:
+            raise ConfigError(_where_written(str(e), key, exp, raw["templates"])) from None
         if cfg.world not in worlds:
             raise ConfigError(f"{key}.world: unknown world {cfg.world!r}; known: {sorted(worlds)}")
         if cfg.teacher not in teachers:
@@ -650,6 +653,81 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
         raise ConfigError(f"suite: unknown suite {suite!r}; known suites: {sorted(suites)}")
     params = Params(suite, worlds, teachers, templates, experiments, suites, suite_seeds)
     return params
+
+
+# Experiment keys that cannot change a run's numbers, so a change to them keeps the resume state: the tracker and
+# its cadence (trackers only read the log), the convergence evaluation (its own torch.Generator, never the training
+# stream: mct.tracking), the checkpoint cadence (saving reads the RNG state, never draws from it), and what only the
+# sample/evaluate stages and the run's naming read.
+NEUTRAL_KEYS = ("template", "seeds", "eval", "distill.log_with", "distill.log_every", "distill.eval_every",
+                "distill.eval_samples", "distill.checkpoint_every")
+
+
+
+def flatten_settings(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"distill.lr_g": 0.0003, ...}``; tuples become lists (as JSON stores them)."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten_settings(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: _leaf(obj)}
+
+
+def _leaf(v: Any) -> Any:
+    """A setting's value as JSON stores it, so a value read back from settings.json compares equal."""
+    if isinstance(v, dict):
+        return {str(k): _leaf(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_leaf(x) for x in v]
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+
+def is_neutral(key: str) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in NEUTRAL_KEYS)
+
+
+def numeric_settings(exp: ExperimentConfig) -> dict[str, Any]:
+    """An experiment's resolved settings that can change its numbers, flat (``{"distill.lr_g": 0.001, ...}``):
+    what the resume fingerprint hashes (with the input files) and what the report's one-factor ablations compare."""
+    return {k: v for k, v in flatten_settings(dataclasses.asdict(exp)).items() if not is_neutral(k)}
+
+
+def _lookup(node: Any, parts: list[str]) -> bool:
+    for p in parts:
+        if not isinstance(node, dict) or p not in node:
+            return False
+        node = node[p]
+    return True
+
+
+def _where_written(message: str, key: str, exp: dict[str, Any], raw_templates: Any) -> str:
+    """An experiment's error names the key where the user wrote it: a key that only its template has (a typo
+    under templates.T.distill, say) is reported as templates.T.<key>, for the experiment that uses it."""
+    bad, sep, rest = message.partition(":")
+    template = exp.get("template")
+    if not sep or not bad.startswith(key + ".") or not isinstance(template, str):
+        return message
+    parts = re.split(r"\.|(?=\[)", bad[len(key) + 1:])
+    parts = [p for p in parts if p and not p.startswith("[")] or parts
+    if _lookup(exp, parts) or not _lookup((raw_templates or {}).get(template), parts):
+        return message
+    return f"templates.{template}.{bad[len(key) + 1:]}{sep}{rest} (in experiment {key.split('.', 1)[1]!r})"
+
+
+# params sections whose entries a `-S SECTION.NAME.key=value` override may only change, not create
+NAMED_SECTIONS = {"worlds": "world", "teachers": "teacher", "templates": "template", "experiments": "experiment",
+                  "suites": "suite"}
+
+
+def check_override_target(raw: dict, dotted: str) -> None:
+    """``-S experiments.digits_emd_k5.distill.K=4`` with no experiment digits_emd_k5 is a typo, not a new
+    experiment: refused with the known names. Setting a whole entry (``-S experiments.mine={...}``) may create one."""
+    parts = dotted.split(".")
+    if len(parts) > 2 and parts[0] in NAMED_SECTIONS:
+        known = raw.get(parts[0])
+        if isinstance(known, dict) and parts[1] not in known:
+            raise ConfigError(f"{dotted}: unknown {NAMED_SECTIONS[parts[0]]} {parts[1]!r}; known: {sorted(known)}")
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -690,6 +768,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
+        check_override_target(raw, k)
         try:
             value = yaml.safe_load(v)
         except yaml.YAMLError as e:

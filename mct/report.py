@@ -67,10 +67,12 @@ from mct.report_tables import (
     main_table,
     metric_name,
     noise_floor,
+    outside_every_ablation,
     paper_tables,
     plain_metric_name,
     ran,
     reference_setting,
+    settings_table,
     text_to_image_table,
 )
 from mct.worlds.base import World
@@ -205,7 +207,18 @@ def _describe(ref: dict[str, Any] | None) -> str:
                "not the trained teacher network; the trained teacher is only the student's initialisation and "
                "the speed and quality reference. " if ref.get("estep_teacher") == "analytic" else
                "The E-step uses the trained teacher network's score. ")
-            + "Each ablation table varies one factor and keeps the rest at this setting.")
+            + "Each ablation table varies one factor and keeps every other resolved setting at this setting's "
+              "(a row that differs in more is in no ablation table; the world's settings table lists them all).")
+
+
+def _outside_line(entries: Sequence[Entry], ref: dict[str, Any] | None) -> str:
+    """The EMD experiments that no ablation table shows, because they differ from the reference in more than one
+    factor, each with the settings that differ; '' when there are none."""
+    out = outside_every_ablation(entries, ref)
+    if not out:
+        return ""
+    return ("In no ablation table (they differ from the reference in more than one factor): "
+            + "; ".join(f"{name} ({', '.join(diff)})" for name, diff in sorted(out.items())) + ".")
 
 
 # --- build --------------------------------------------------------------------------------------------------
@@ -260,6 +273,8 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
         else:  # nothing varied: one line, no table and no files
             page.p(ablation_line(w, ab, members[ab.name], ref, carriers[ab.name]))
         discuss(ab.name)
+    if _outside_line(we, ref):
+        page.p(_outside_line(we, ref))
     _put(page, cost_table(w, we, members["K"]))
     discuss("cost")
     page.h(3, "Figures")
@@ -289,6 +304,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
                                   "samples per second; dashed: the teacher's NFE)")
     page.h(3, "All experiments")
     _put(page, experiments_table(w, we, toy, kinds[w]))
+    _put(page, settings_table(w, we))
     return {"entries": we, "reference": ref, "k_members": members["K"]}
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from mct import paths
 from mct.aggregate import read_experiment  # seeds: mean, std, n, 95% t-interval
-from mct.config import ExperimentConfig, Params
+from mct.config import ExperimentConfig, Params, flatten_settings, numeric_settings
 from mct.diffusion import heun_nfe
 from mct.worlds.base import World
 
@@ -97,12 +97,25 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return rec
 
 
-def experiment_setting(exp: ExperimentConfig) -> dict[str, Any]:
+def resolved_settings(exp: ExperimentConfig, params: Params | None = None) -> dict[str, Any]:
+    """Every setting of an experiment that can change its numbers (mct.config.numeric_settings: optimiser, EMA,
+    sigma distributions, score steps, cancellation and z-step schemes, batch, ...) and, given ``params``, its
+    teacher's architecture and width (``teacher_net.*``)."""
+    out = numeric_settings(exp)
+    if params is not None:
+        t = params.teacher(exp.teacher)
+        out.update({"teacher_net.arch": t.arch,
+                    **{f"teacher_net.{k}": v for k, v in flatten_settings(dict(t.arch_kwargs or {})).items()}})
+    return out
+
+
+def experiment_setting(exp: ExperimentConfig, params: Params | None = None) -> dict[str, Any]:
+    """The short keys the tables and ablations name, and under ``settings`` every resolved setting of the row."""
     d = exp.distill
-    return {"method": exp.method_name, "space": d.space, "cancel_noise": d.cancel_noise,
-            "cancel_initial": d.cancel_initial, "K": d.K, "init": exp.student.init, "gamma_eps": d.gamma_eps,
-            "gamma_z": d.gamma_z, "z_step": d.z_step, "teacher": exp.teacher, "iterations": d.iterations,
-            "batch_size": d.batch_size, "estep_teacher": d.estep_teacher, "seed": d.seed,
+    return {"settings": resolved_settings(exp, params), "method": exp.method_name, "space": d.space,
+            "cancel_noise": d.cancel_noise, "cancel_initial": d.cancel_initial, "K": d.K, "init": exp.student.init,
+            "gamma_eps": d.gamma_eps, "gamma_z": d.gamma_z, "z_step": d.z_step, "teacher": exp.teacher,
+            "iterations": d.iterations, "batch_size": d.batch_size, "estep_teacher": d.estep_teacher, "seed": d.seed,
             "eval_samples": exp.eval.num_samples, "eval_seed": exp.eval.seed}
 
 
@@ -115,7 +128,7 @@ def collect(params: Params, suite: str | None, src: Sources) -> list[Entry]:
     for e in params.suite_experiments(suite):
         exp = params.experiment(e)
         seeds = params.experiment_seeds(e, suite)
-        entries.append(Entry(e, "experiment", exp.world, experiment_setting(exp),
+        entries.append(Entry(e, "experiment", exp.world, experiment_setting(exp, params),
                              read_experiment(e, seeds, src.experiment_metrics),
                              tuple(paths.run_name(e, k) for k in seeds or ())))
     return entries
@@ -181,5 +194,7 @@ def metrics_record(entry: Entry, world_def: World) -> dict[str, Any]:
     rec = {k: known.get(k) for k in keys}
     if entry.record is not None:
         rec.update(entry.record)
+    if entry.kind == "experiment":
+        rec["settings"] = entry.setting["settings"]  # every resolved setting of the row (params.yaml's, not the run's)
     rec["status"] = "ok" if entry.record is not None else NOT_RUN
     return rec

@@ -13,6 +13,7 @@ world's EMD experiments in the suite (ties: the first in suite order); the page 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tempfile
@@ -138,17 +139,56 @@ def _metric_cells(entry: Entry | None, toy: bool, world_def: World | None = None
     return cells
 
 
+# The short factor keys as the resolved settings (Entry.setting["settings"]) name them.
+RESOLVED_KEY = {"space": "distill.space", "cancel_noise": "distill.cancel_noise",
+                "cancel_initial": "distill.cancel_initial", "K": "distill.K", "init": "student.init",
+                "gamma_eps": "distill.gamma_eps", "gamma_z": "distill.gamma_z", "z_step": "distill.z_step"}
+
+
+def _mode(values: list[Any]) -> Any:
+    """The most common value (ties: first seen); values compared by their JSON text (lists are unhashable)."""
+    counts = Counter(json.dumps(v, sort_keys=True, default=str) for v in values)
+    best = max(counts.values())
+    return next(v for v in values if counts[json.dumps(v, sort_keys=True, default=str)] == best)
+
+
 def reference_setting(entries: Sequence[Entry]) -> dict[str, Any] | None:
-    """Per setting key, the most common value among EMD experiments (ties: first seen); None without any."""
+    """Per setting key, the most common value among EMD experiments (ties: first seen), and under ``settings`` the
+    same over every resolved setting; None without any EMD experiment."""
     emd = [e.setting for e in entries if e.kind == "experiment" and e.setting["method"] == "emd"]
     if not emd:
         return None
-    ref = {}
-    for k in FACTOR_KEYS + CONTROL_KEYS:
-        counts = Counter(s.get(k) for s in emd)
-        best = max(counts.values())
-        ref[k] = next(s.get(k) for s in emd if counts[s.get(k)] == best)
+    ref: dict[str, Any] = {k: _mode([s.get(k) for s in emd]) for k in FACTOR_KEYS + CONTROL_KEYS}
+    full = [s.get("settings", {}) for s in emd]
+    ref["settings"] = {k: _mode([f.get(k) for f in full]) for k in dict.fromkeys(k for f in full for k in f)}
     return ref
+
+
+def differs_from_reference(setting: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    """The resolved settings in which an experiment differs from the reference (``distill.cancel_scheme``, ...)."""
+    mine, theirs = setting.get("settings", {}), ref.get("settings", {})
+    return [k for k in dict.fromkeys([*theirs, *mine]) if k != "method" and mine.get(k) != theirs.get(k)]
+
+
+def one_factor(setting: dict[str, Any], ref: dict[str, Any], free: Sequence[str]) -> bool:
+    """The experiment differs from the reference in nothing but the ablation's free keys."""
+    allowed = {RESOLVED_KEY.get(k, k) for k in free}
+    return set(differs_from_reference(setting, ref)) <= allowed
+
+
+def outside_every_ablation(entries: Sequence[Entry], ref: dict[str, Any] | None) -> dict[str, list[str]]:
+    """EMD experiments that differ from the reference in more than any one ablation's factor: name -> the
+    resolved settings that differ. They are rows of no ablation table (a table varies one factor)."""
+    if ref is None:
+        return {}
+    out = {}
+    for e in entries:
+        if e.kind != "experiment" or e.setting["method"] != "emd":
+            continue
+        diff = differs_from_reference(e.setting, ref)
+        if diff and not any(one_factor(e.setting, ref, ab.free) for ab in ABLATIONS):
+            out[e.name] = diff
+    return out
 
 
 @dataclass(frozen=True)
@@ -226,7 +266,8 @@ def ablation_members(ab: Ablation, ref: dict[str, Any] | None,
     out = []
     for label, values in ab.levels(ref, [e.setting for e in exps]):
         members = [e for e in exps if all(e.setting.get(k) == ref.get(k) for k in fixed)
-                   and all(e.setting.get(k) == v for k, v in values.items())]
+                   and all(e.setting.get(k) == v for k, v in values.items())
+                   and one_factor(e.setting, ref, ab.free)]
         out.append((label, sorted(members, key=lambda e: e.name)))
     return out
 
@@ -398,6 +439,31 @@ def experiments_table(world: str, entries: Sequence[Entry], toy: bool, world_def
     missing = [_not_run_label(e.name) for e in entries if e.kind == "experiment" and not ran(e)]
     return Table(f"{world}_experiments", f"{world}: every experiment of the suite with metrics",
                  pd.DataFrame(rows, dtype=object), note, not_run_line(missing, "in the suite, no metrics"))
+
+
+def settings_table(world: str, entries: Sequence[Entry]) -> Table:
+    """Every resolved setting of every experiment of the world (mct.report_collect.resolved_settings): the
+    settings in which its experiments differ, one row each (and in the CSV); the line under it gives every setting
+    they share. metrics.json has every setting of each row under ``settings``."""
+    exps = [e for e in entries if e.kind == "experiment"]
+    full = [e.setting.get("settings", {}) for e in exps]
+    keys = list(dict.fromkeys(k for f in full for k in f))
+    text = {k: [json.dumps(f.get(k), default=str) for f in full] for k in keys}
+    varied = [k for k in keys if len(set(text[k])) > 1]
+    shared = [k for k in keys if k not in varied]
+    frame = pd.DataFrame([{"experiment": e.name, **{k: _setting_cell(f.get(k)) for k in varied}}
+                          for e, f in zip(exps, full, strict=True)], dtype=object)
+    note = ("Shared by every experiment above: "
+            + ", ".join(f"{k}={_setting_cell(full[0].get(k))}" for k in shared) + ".") if shared and full else ""
+    return Table(f"{world}_settings", f"{world}: the settings in which its experiments differ", frame, note)
+
+
+def _setting_cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_setting_cell(x) for x in v) + ")"
+    return "null" if v is None else str(v)
 
 
 def paper_tables(params: Params, worlds: Sequence[str], world_tables: dict[str, dict[str, Any]]) -> list[Table]:

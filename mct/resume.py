@@ -13,14 +13,13 @@ next older one is tried. A state of this run written by another number of proces
 (:class:`ResumeError`): its RNG streams cannot be mapped onto a different number of ranks.
 
 What a state belongs to. The fingerprint hashes the run's settings (:func:`run_settings`): the resolved experiment
-without the keys that cannot change the numbers (:data:`NEUTRAL_KEYS`: logging and evaluation cadence, the tracker,
-checkpoint cadence, the sample/evaluate stages' settings) and the content of the teacher and student-init files
-(their tensors and specs, not their wall-clock training records, so the same teacher trained again by the other
-engine is the same teacher). The settings themselves are kept beside the states (``settings.json``). A state of
-other settings is never resumed and never deleted: it is moved, with ``settings.json`` and the log, into
-``<work>/discarded-<UTC time>/``, and the warning names every changed key with its old and new value. A resumed
-run says so: ``resuming from step N (file)``.
-"""
+without the keys that cannot change the numbers (:data:`mct.config.NEUTRAL_KEYS`: logging and evaluation cadence,
+the tracker, checkpoint cadence, the sample/evaluate stages' settings) and the content of the teacher and student-
+init files (their tensors and specs, not their wall-clock training records, so the same teacher trained again by the
+other engine is the same teacher). The settings themselves are kept beside the states (``settings.json``). A state
+of other settings is never resumed and never deleted: it is moved, with ``settings.json`` and the log, into
+``<work>/discarded-<UTC time>/``, and the warning names every changed key with its old and new value. A resumed run
+says so: ``resuming from step N (file)``."""
 
 from __future__ import annotations
 
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mct.config import flatten_settings, is_neutral
 from mct.io import atomic_path, fsync_dir, load_torch, write_json
 
 FORMAT = "mct-resume-v1"
@@ -46,13 +46,6 @@ _NAME = re.compile(r"state-(\d{9})\.pt")
 # Files of the pre-v1 layout (RNG saved apart from the weights, not tied to a step): never resumed from.
 LEGACY = ("checkpoint.pt", "rng.rank*.pt")
 SETTINGS = "settings.json"  # beside the states: the settings every state-*.pt of the folder was written under
-# Experiment keys that cannot change a run's numbers, so a change to them keeps the resume state: the tracker and
-# its cadence (trackers only read the log), the convergence evaluation (its own torch.Generator, never the training
-# stream: mct.tracking), the checkpoint cadence (saving reads the RNG state, never draws from it), and what only the
-# sample/evaluate stages and the run's naming read.
-NEUTRAL_KEYS = ("template", "seeds", "eval", "distill.log_with", "distill.log_every", "distill.eval_every",
-                "distill.eval_samples", "distill.checkpoint_every")
-
 WRITER: Callable[[Any, Path], None] = torch.save
 # Test hook: called with a save point's name ("tmp-written", "renamed", "pruned"); raising there is a kill at that
 # point. None in production.
@@ -167,29 +160,6 @@ def verify(path: Path, state: Any, world_size: int) -> str | None:
 # --- what a state belongs to --------------------------------------------------------------------------------
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as ``{"distill.lr_g": 0.0003, ...}``; tuples become lists (as JSON stores them)."""
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: _leaf(obj)}
-
-
-def _leaf(v: Any) -> Any:
-    """A setting's value as JSON stores it, so a value read back from settings.json compares equal."""
-    if isinstance(v, dict):
-        return {str(k): _leaf(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_leaf(x) for x in v]
-    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
-
-
-def _neutral(key: str) -> bool:
-    return any(key == n or key.startswith(n + ".") for n in NEUTRAL_KEYS)
-
-
 def file_digest(path: Path) -> str:
     """sha256 of what a teacher or student-init file means: for mct's own formats every entry but ``meta`` (the
     training's wall-clock record, which differs between two bitwise-equal trainings), tensors by their bytes;
@@ -230,8 +200,8 @@ def _digest_into(h: Any, obj: Any) -> None:
 
 def run_settings(experiment: dict[str, Any], teacher_path: Path, student_path: Path) -> dict[str, Any]:
     """The flat settings a run's numbers depend on: the resolved experiment (``dataclasses.asdict``) without
-    :data:`NEUTRAL_KEYS`, and the teacher's and student-init file's :func:`file_digest`."""
-    flat = {k: v for k, v in _flatten(experiment).items() if not _neutral(k)}
+    :data:`mct.config.NEUTRAL_KEYS`, and the teacher's and student-init file's :func:`file_digest`."""
+    flat = {k: v for k, v in flatten_settings(experiment).items() if not is_neutral(k)}
     return {**flat, "teacher_file": file_digest(teacher_path), "student_file": file_digest(student_path)}
 
 

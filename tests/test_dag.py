@@ -309,6 +309,33 @@ def test_bad_key_stops_snakemake_and_mct_validate(repo_copy, tmp_path, monkeypat
     assert stop.value.code == 2 and f"{key}: unknown key" in capsys.readouterr().err
 
 
+def test_a_complete_params_file_given_with_configfile_replaces_params_yaml(repo_copy, tmp_path):
+    """`snakemake --configfile mine.yaml` with a self-contained file (its own worlds, teachers, template, two
+    experiments and a suite) plans exactly that file's jobs: it is not merged into params.yaml. `--config` still
+    refuses any key but `suite`."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    smoke = raw["suites"]["smoke"]
+    exps = {f"mine_{i}": raw["experiments"][e] for i, e in enumerate(smoke)}
+    teachers = {raw["experiments"][e]["teacher"] for e in smoke}
+    template = raw["templates"]["toy2d"]
+    mine = {"suite": "mine", "worlds": {"toy2d": raw["worlds"]["toy2d"]},
+            "teachers": {t: raw["teachers"][t] for t in teachers},
+            "templates": {"toy2d": {**template, "teacher": sorted(teachers)[0]}},
+            "experiments": exps, "suites": {"mine": sorted(exps)}}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(mine))
+    r = snakemake(repo_copy, "-n", "-p", "--configfile", str(path))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    planned = set(re.findall(r"run=(\S+)", out))
+    assert planned == set(exps), planned
+    assert "toy2d_emd_k8" not in out and "mct report --suite mine --params " + str(path) in out
+
+    r = snakemake(repo_copy, "-n", "--configfile", str(path), "--config", "suite=mine", "extra=1")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "extra: `--config` may set only `suite`" in out, out
+
+
 @pytest.fixture(scope="module")
 def smoke_copy(tmp_path_factory) -> tuple[Path, str, str, str]:
     """A copy whose smoke suite has one GPU experiment; (root, its dry run, GPU experiment, CPU experiment)."""

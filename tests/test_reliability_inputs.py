@@ -78,6 +78,14 @@ BAD_VALUES = [
     (f"{E}.distill.K=[1", f"{E}.distill.K: the value '[1' (-S) is not valid YAML"),
     ("suites.smoke.extra=1", "suites.smoke.extra: cannot set a key below a non-mapping"),
     ("=3", "<empty>: not a dotted key"),
+    # the key where the user wrote it: a typo under the template is the template's, not every experiment's
+    ("templates.toy2d.distill.gama_z=1", "templates.toy2d.distill.gama_z: unknown key; allowed keys:"),
+    ("templates.toy2d.distill.K=-1", "templates.toy2d.distill.K: must be >= 0 (got -1) (in experiment"),
+    # an override below an entry that does not exist is a typo of its name, not a new entry
+    (f"{E}5.distill.K=4", f"{E}5.distill.K: unknown experiment 'tiny_emd5'; known: ['tiny_di', 'tiny_emd']"),
+    ("teachers.toy2d_mpl.lr=0.1",
+     "teachers.toy2d_mpl.lr: unknown teacher 'toy2d_mpl'; known: ['imnet_edm', 'toy2d_mlp']"),
+    ("templates.toy2dd.distill.K=4", "templates.toy2dd.distill.K: unknown template 'toy2dd'; known: ['toy2d']"),
     ("suite=", "suite: empty; name one of the suites"),
 ]
 
@@ -197,3 +205,21 @@ def test_malformed_dataset_json_is_refused_naming_it(tmp_path, meta, expected, l
     with pytest.raises(DatasetError) as err:
         prepare_imagenet(src, tmp_path / "out.zip", 8, progress=False)
     assert expected in str(err.value) and str(src) in str(err.value)
+
+
+@pytest.mark.parametrize("argv, made_by", [
+    (["distill", "--experiment", "tiny_emd"], "mct teacher --teacher toy2d_mlp"),
+    (["init-student", "--experiment", "tiny_emd", "--run-seed", "1"], "mct teacher --teacher toy2d_mlp"),
+    (["sample", "--experiment", "tiny_emd", "--run-seed", "1"], "mct distill --experiment tiny_emd --run-seed 1"),
+    (["evaluate", "--experiment", "tiny_di"], "mct sample --experiment tiny_di"),
+    (["teacher-eval", "--teacher", "toy2d_mlp"], "mct teacher --teacher toy2d_mlp"),
+    (["teacher", "--teacher", "toy2d_mlp"], "mct prepare --world toy2d"),
+])
+def test_a_missing_input_names_the_command_that_makes_it(capsys, params_file, monkeypatch, argv, made_by):
+    """On a fresh clone a stage run by hand stops before any work, naming the file and the stage that makes it; it
+    leaves no work or output folder behind."""
+    monkeypatch.chdir(params_file.parent)
+    assert main([*argv, "--params", str(params_file)]) == 1
+    err = capsys.readouterr().err
+    assert ": missing; it is made by `" + made_by + "`" in err, err
+    assert not (params_file.parent / "runs").exists()

@@ -339,9 +339,16 @@ def test_metrics_json(built):
     assert missing["status"] == NOT_RUN and missing["fid"] is None and missing["init"] == "scratch"
     assert missing["K"] == 4 and missing["nfe"] == 1
     # Stable keys: every record of a kind has every documented key, whether or not it ran.
-    toy_keys = set(report.EXPERIMENT_KEYS + Toy2D.exact_metric_keys) | {"status"}
+    toy_keys = set(report.EXPERIMENT_KEYS + Toy2D.exact_metric_keys) | {"status", "settings"}
     assert set(missing) == toy_keys and set(metrics["tiny_emd"]) == toy_keys
-    assert set(metrics["dg_emd"]) == set(report.EXPERIMENT_KEYS) | {"status"}
+    assert set(metrics["dg_emd"]) == set(report.EXPERIMENT_KEYS) | {"status", "settings"}
+    # every resolved setting of the row, the teacher's network included, and none that cannot change the numbers
+    settings = metrics["tiny_emd"]["settings"]
+    assert settings["distill.K"] == 4
+    assert settings["distill.cancel_scheme"] == params.experiment("tiny_emd").distill.cancel_scheme
+    assert {"distill.lr_g", "distill.ema_decay", "distill.mstep_sigma.kind", "distill.dsm_sigma.kind",
+            "distill.score_steps", "distill.z_step", "distill.batch_size", "teacher_net.arch"} <= set(settings)
+    assert not any(k.startswith(("eval.", "distill.log_")) for k in settings)
     assert metrics["digits_conv"] == {"teacher": "digits_conv", "world": "digits", "method": "teacher",
                                       "K": None, "nfe": 19, "fid": None, "precision": None, "recall": None,
                                       "samples_per_s": None, "status": NOT_RUN}

@@ -8,25 +8,24 @@ import re
 
 from mct import stages
 from mct.config import ConfigError, Params, load_params
-from snakemake.common.configfile import load_configfile
 
 # The params file every `mct` call reads: the last --configfile given on the command line, else the
-# Snakefile's `configfile:`. Snakemake merges that file into `config`; `--config` may change `suite` only.
+# Snakefile's `configfile:`. It is read whole by load_params and replaces params.yaml: Snakemake's own merge of
+# the two into `config` is not used. `--config` may change `suite` only.
 PARAMS_FILE = str((list(workflow.overwrite_configfiles) or list(workflow.configfiles))[-1])
 
 
 def _validated_params() -> Params:
     """load_params on PARAMS_FILE with the chosen suite; raise ConfigError (naming the key) before any job."""
-    suite = config.get("suite")
-    overrides = [f"suite={json.dumps(suite)}"] if "suite" in config else []  # `--config suite=` gives None: refused
+    given = dict(workflow.config_settings.config or {})  # what --config set, nothing from any file
+    overrides = [f"suite={json.dumps(given['suite'])}"] if "suite" in given else []  # `--config suite=`: refused
     try:
+        others = sorted(k for k in given if k != "suite")
+        if others:
+            raise ConfigError(f"{others[0]}: `--config` may set only `suite` (edit the params file, or pass a "
+                              f"complete one with --configfile)")
         params = load_params(PARAMS_FILE, overrides)
         params.suite_experiments()  # an unknown suite fails here
-        on_disk = load_configfile(PARAMS_FILE)  # parsed as Snakemake parsed it into `config`
-        changed = sorted(k for k in set(config) | set(on_disk) if k != "suite" and config.get(k) != on_disk.get(k))
-        if changed:
-            raise ConfigError(f"{changed[0]}: differs from {PARAMS_FILE}; `--config` may set only `suite` "
-                              f"(edit the params file, or pass a complete one with --configfile)")
     except ConfigError as e:
         raise ConfigError(f"invalid params ({PARAMS_FILE}): {e}") from None
     return params

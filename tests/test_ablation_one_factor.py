@@ -1,0 +1,64 @@
+"""One factor per ablation, enforced on params.yaml: every EMD experiment of every suite differs from its world's
+reference setting in nothing but one ablation's factor (or is the reference), over every resolved setting (the
+optimiser, EMA, sigma distributions, cancellation and z-step schemes, batch, teacher network, ...), and every
+Diff-Instruct row differs from it only in what defines the method (K = 1, gamma_z = 0). A row that differs in two
+factors is left out of every ablation table and named under them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mct.config import load_params, parse_params
+from mct.report_collect import Entry, experiment_setting
+from mct.report_tables import (
+    ABLATIONS,
+    ablation_members,
+    differs_from_reference,
+    outside_every_ablation,
+    reference_setting,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+PARAMS = load_params(REPO / "params.yaml")
+DI_DEFINITION = {"distill.K", "distill.gamma_z"}  # Diff-Instruct is EMD with one E-step and no z move
+
+
+def _entries(params, suite: str, world: str) -> list[Entry]:
+    return [Entry(e, "experiment", world, experiment_setting(params.experiment(e), params), None)
+            for e in params.suite_experiments(suite) if params.experiment(e).world == world]
+
+
+CASES = [(s, w) for s in sorted(PARAMS.suites) for w in PARAMS.suite_worlds(s)]
+
+
+@pytest.mark.parametrize(("suite", "world"), CASES, ids=[f"{s}-{w}" for s, w in CASES])
+def test_every_ablation_row_of_params_yaml_changes_one_factor(suite, world):
+    entries = _entries(PARAMS, suite, world)
+    ref = reference_setting(entries)
+    if ref is None:
+        return  # no EMD experiment: no ablation
+    assert outside_every_ablation(entries, ref) == {}
+    for e in entries:
+        if e.setting["method"] != "emd":
+            assert set(differs_from_reference(e.setting, ref)) <= DI_DEFINITION, e.name
+
+
+def test_a_row_that_changes_two_factors_is_in_no_ablation_table(tiny_raw):
+    """The (x, z) row with another cancellation scheme (what the committed suite had) is not a sampling-space row:
+    it is named, with both settings, as outside every ablation."""
+    raw = copy.deepcopy(tiny_raw)
+    raw["experiments"]["tiny_x_z"] = {"template": "toy2d", "distill": {"space": "x_z", "cancel_scheme": "antithetic"}}
+    raw["experiments"]["tiny_eps"] = {"template": "toy2d", "distill": {"space": "eps"}}
+    raw["suites"]["smoke"] += ["tiny_x_z", "tiny_eps"]
+    params = parse_params(yaml.safe_load(yaml.safe_dump(raw)))
+    entries = _entries(params, "smoke", "toy2d")
+    ref = reference_setting(entries)
+    space = next(ab for ab in ABLATIONS if ab.name == "space")
+    rows = {lab: [e.name for e in group] for lab, group in ablation_members(space, ref, entries)}
+    assert rows["eps"] == ["tiny_eps"] and rows["(x, z)"] == [] and rows["(eps, z)"] == ["tiny_emd"]
+    assert outside_every_ablation(entries, ref) == {"tiny_x_z": ["distill.space", "distill.cancel_scheme"]}
