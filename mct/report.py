@@ -36,7 +36,7 @@ import pandas as pd
 
 from mct import paths
 from mct.config import Params
-from mct.report_claims import claims_table, discussion, judged_metrics, measurements_table, summary
+from mct.report_claims import claims_table, discussion, judged_metrics, likely_causes, measurements_table, summary
 from mct.report_collect import (
     EXPERIMENT_KEYS,
     NOT_RUN,
@@ -64,6 +64,7 @@ from mct.report_tables import (
     cost_table,
     experiments_table,
     fmt,
+    headline_table,
     main_table,
     metric_name,
     noise_floor,
@@ -101,11 +102,11 @@ class Page:
         """A line linking another page; ``href`` without its suffix: index.md links .md, index.html links .html."""
         self.blocks.append(("link", label, href))
 
-    def lead(self, heading: str, paragraphs: Sequence[str]) -> None:
+    def lead(self, heading: str, paragraphs: Sequence[str], tables: Sequence[Table] = ()) -> None:
         """A section that opens the page (after its links), whatever was added before it: the answer comes first
         although it is computed last."""
         at = next((i for i, b in enumerate(self.blocks) if b[0] != "link"), len(self.blocks))
-        self.blocks[at:at] = [("h", 2, heading), *(("p", t) for t in paragraphs)]
+        self.blocks[at:at] = [("h", 2, heading), *(("p", t) for t in paragraphs), *(("table", t) for t in tables)]
 
     def sections(self) -> list[str]:
         return [b[2] for b in self.blocks if b[0] == "h" and b[1] == 2]
@@ -260,7 +261,8 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     exps = [e for e in we if e.kind == "experiment"]
     floor = noise_floor(world, exps[0].setting["eval_samples"], src.feature_net(w)) if exps else None
     page.h(2, f"World {w} ({world.kind})")
-    _put(page, main_table(w, we, members["K"], toy, kinds[w], floor))
+    main = main_table(w, we, members["K"], toy, kinds[w], floor)
+    _put(page, main)
     if floor is None and world.needs_feature_net:
         page.p("Noise floor (training against held-out split through the same metrics): not computed in this "
                f"build, which has no {world.kind} feature network ({src.feature_net(w)}).")
@@ -305,7 +307,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     page.h(3, "All experiments")
     _put(page, experiments_table(w, we, toy, kinds[w]))
     _put(page, settings_table(w, we))
-    return {"entries": we, "reference": ref, "k_members": members["K"]}
+    return {"entries": we, "reference": ref, "k_members": members["K"], "main": main}
 
 
 def _build(params: Params, suite: str | None, src: Sources, out: Path,
@@ -359,6 +361,11 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path,
     else:
         page.p("No claim of mct.claims.CLAIMS is testable in this suite: it does not run the experiments they "
                "compare.")
+    from mct.report_exact import excluded_causes
+
+    causes = likely_causes(results, entries, excluded_causes(src.reports_in / "benchmarks" / "toy2d_exact", worlds))
+    if causes:
+        page.p(causes)
     if any(r.n > 0 for r in measured):
         page.table(measurements_table(measured, kinds))
     page.p("Metrics. " + METRIC_DEFINITIONS)
@@ -384,11 +391,23 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path,
     from mct.report_exact import add_toy2d_exact
     from mct.report_precision import add_toy2d_precision
 
-    add_estep_fidelity(page, src.reports_in / "benchmarks" / "estep_fidelity", figures)
-    add_toy2d_sweep(page, src.reports_in / "benchmarks" / "toy2d_sweep")
-    add_toy2d_precision(page, src.reports_in / "benchmarks" / "toy2d_precision")
-    add_toy2d_exact(page, src.reports_in / "benchmarks" / "toy2d_exact", figures)
-    add_estep_chain(page, src.reports_in / "benchmarks" / "estep_chain", figures)
+    appendix = None
+    default_page = next((href for label, href in links if label.endswith("(the default suite)")), None)
+    if suite_name == params.suite:  # the benchmarks are the same for every suite: on the default suite's page only
+        appendix = Page(f"Appendix to the report of suite {suite_name}: the E-step benchmarks in full")
+        appendix.link("Back to the report", "index")
+        bench = src.reports_in / "benchmarks"
+        add_estep_fidelity(appendix, bench / "estep_fidelity", figures)
+        add_toy2d_sweep(appendix, bench / "toy2d_sweep")
+        add_toy2d_precision(appendix, bench / "toy2d_precision")
+        add_toy2d_exact(appendix, bench / "toy2d_exact", figures)
+        add_estep_chain(appendix, bench / "estep_chain", figures)
+        summarise_appendix(page, appendix)
+    elif default_page is not None:
+        page.h(2, "E-step benchmarks")
+        page.p("The E-step benchmarks (committed runs on both toy2d worlds) are on the default suite's page and its "
+               "appendix, not repeated here:")
+        page.link(f"Report of suite {params.suite} (the default suite)", default_page)
     page.h(2, "Paper-scale results")
     scale = [*paper_tables(params, worlds, per_world), text_to_image_table(params, worlds, per_world)]
     for t in scale:
@@ -398,13 +417,41 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path,
     # the EMD paper's own rows: what of them this page lacks, and why (the paper table's line, computed)
     answer.append(f"Paper scale: {scale[0].missing}" if scale[0].missing else
                   "Paper scale: every row of the EMD paper's table has ours beside it.")
-    page.lead("Summary", answer)
+    headlines = [headline_table(w, per_world[w]["main"], kinds[w]) for w in worlds if len(per_world[w]["main"].frame)]
+    page.lead("Summary", answer, headlines)
 
-    for b in page.blocks:
+    for b in page.blocks + (appendix.blocks if appendix else []):
         if b[0] == "table":
             _write_table(b[1], tables)
     (out / "index.md").write_text(page.markdown(), encoding="utf-8")
     (out / "index.html").write_text(page.html(), encoding="utf-8")
+    if appendix is not None and any(b[0] == "h" for b in appendix.blocks):
+        (out / "appendix.md").write_text(appendix.markdown(), encoding="utf-8")
+        (out / "appendix.html").write_text(appendix.html(), encoding="utf-8")
+
+
+def summarise_appendix(page: Page, appendix: Page) -> None:
+    """The main page's short form of the appendix: one section with, per appendix section, its computed
+    paragraphs (all but the first, which says how the benchmark ran) and its figures; the tables and the method
+    paragraphs stay in the appendix, which the section links."""
+    sections: list[list[tuple]] = []
+    for b in appendix.blocks:
+        if b[0] == "h" and b[1] == 2:
+            sections.append([b])
+        elif sections:
+            sections[-1].append(b)
+    if not sections:
+        return
+    page.h(2, "E-step benchmarks")
+    page.p("Committed runs of the E-step benchmarks (benchmarks/, both toy2d worlds): the computed verdicts and "
+           "figures; how each ran and its tables are in the appendix.")
+    page.link("Appendix: the E-step benchmarks in full", "appendix")
+    for sec in sections:
+        page.h(3, sec[0][2])
+        paragraphs = [b for b in sec if b[0] == "p"]
+        for b in sec[1:]:
+            if (b[0] == "p" and b is not paragraphs[0]) or b[0] == "figure":
+                page.blocks.append(b)
 
 
 def suite_links(params: Params, suite: str, out_dir: Path, root: Path) -> list[tuple[str, str]]:
@@ -425,7 +472,7 @@ def suite_links(params: Params, suite: str, out_dir: Path, root: Path) -> list[t
 
 
 OWNED_DIRS = ("tables", "figures")
-OWNED_FILES = ("metrics.json", "index.md", "index.html")
+OWNED_FILES = ("metrics.json", "appendix.md", "appendix.html", "index.md", "index.html")  # index.html last
 
 
 def build_report(params: Params, suite: str | None, out_dir: str | os.PathLike = paths.REPORTS, *,
@@ -456,7 +503,10 @@ def build_report(params: Params, suite: str | None, out_dir: str | os.PathLike =
                 os.replace(out_dir / d, old / d)
             os.replace(new / d, out_dir / d)
         for f in OWNED_FILES:
-            os.replace(new / f, out_dir / f)
+            if (new / f).exists():
+                os.replace(new / f, out_dir / f)
+            elif (out_dir / f).exists():  # a page without an appendix leaves no stale one beside it
+                os.replace(out_dir / f, old / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "index.html"

@@ -151,37 +151,54 @@ def summary(results: Sequence[Any], kinds: dict[str, World], worlds: Sequence[st
 
 def discussion(results: Sequence[Any], table: str, world: str, entries: Sequence[Entry],
                world_def: World | None = None) -> list[str]:
-    """One sentence group per claim of ``table`` in ``world`` where our data disagree with the paper: a
-    contradicted verdict, or a point estimate on the other side of 0. The text follows from the results."""
-    out = []
-    settings = {e.name: e.setting for e in entries if e.kind == "experiment"}
-    for r in results:
-        if r.world != world or r.claim.table != table or not (r.verdict == "contradicted" or r.opposite):
-            continue
-        from mct.claims import effect_text, effect_unit
+    """One sentence per claim of ``table`` in ``world`` where our data disagree with the paper on some primary
+    metric: a contradicted verdict, or a point estimate on the other side of 0, with every such metric's effect.
+    What may explain it is said once per page (:func:`likely_causes`). The text follows from the results."""
+    from mct.claims import effect_text
 
-        c = r.claim
-        if r.verdict == "contradicted":
-            ours = (f"our runs contradict it: {effect_unit(r)} = {effect_text(r)} (mean [95% t-interval], "
-                    f"n={r.n} seeds), on the other side of 0")
-        elif r.n < 2:
-            ours = (f"our one run points the other way ({effect_unit(r)} = {effect_text(r)}), but one seed "
-                    f"gives no interval, so the difference may be run-to-run spread (verdict {r.label})")
-        else:
-            ours = (f"our mean points the other way ({effect_unit(r)} = {effect_text(r)}, n={r.n}), but the "
-                    f"95% interval includes 0 (verdict {r.label})")
-        iters = sorted({settings[x]["iterations"] for x in r.compared if x in settings})
-        causes = []
-        if iters and max(iters) < PAPER_ITERATIONS:
-            causes.append(f"budget: {'/'.join(f'{i:,}' for i in iters)} iterations against the paper's "
-                          f">= {PAPER_ITERATIONS:,}")
-        kinds = {settings[x].get("estep_teacher") for x in r.compared if x in settings}
-        causes.append(f"world: {world} is a small embedded world, not the paper's ImageNet" +
-                      (" (its E-step uses the exact analytic score)" if "analytic" in kinds else ""))
-        if r.n < 3:
-            causes.append(f"seeds: n={r.n}")
-        lead = c.text if c.text[1:2].isupper() else c.text[0].lower() + c.text[1:]  # 'EMD-K ...' keeps its case
-        out.append(f"Paper: {lead}. Ours ({world}, "
-                   f"{plain_metric_name(metric_name(r.metric, world_def))}): {ours}. "
-                   f"Likely causes to check: {'; '.join(causes)}.")
+    out = []
+    by_claim: dict[str, list[Any]] = {}
+    for r in results:
+        if r.world == world and r.claim.table == table and (r.verdict == "contradicted" or r.opposite):
+            by_claim.setdefault(r.claim.text, []).append(r)
+    for text, rs in by_claim.items():
+        parts = []
+        for r in rs:
+            name = plain_metric_name(metric_name(r.metric, world_def))
+            how = ("contradicted" if r.verdict == "contradicted" else
+                   "one seed, no interval" if r.n < 2 else "the other way, interval includes 0")
+            parts.append(f"{name} {effect_text(r)} ({how})")
+        n = "/".join(str(k) for k in sorted({r.n for r in rs}))
+        lead = text if text[1:2].isupper() else text[0].lower() + text[1:]  # 'EMD-K ...' keeps its case
+        compared = " - ".join(rs[0].compared) if len(rs[0].compared) == 2 else "slope over log2 K"
+        out.append(f"Paper: {lead}. Ours ({world}, {compared}, n={n} paired seeds) points the other way on: "
+                   + "; ".join(parts) + ".")
     return out
+
+
+def likely_causes(results: Sequence[Any], entries: Sequence[Entry], excluded: dict[str, str]) -> str:
+    """One paragraph for the page: what may explain the claims where our data disagree with the paper, naming only
+    causes that the page's own evidence (``excluded``: cause -> evidence, e.g. from the exact E-step benchmark) has
+    not ruled out, and saying which it has. '' when no claim disagrees."""
+    against = [r for r in results if r.verdict == "contradicted" or r.opposite]
+    if not against:
+        return ""
+    settings = {e.name: e.setting for e in entries if e.kind == "experiment"}
+    names = {x for r in against for x in r.compared if x in settings}
+    iters = sorted({settings[x]["iterations"] for x in names})
+    worlds = sorted({r.world for r in against})
+    n_min = min(r.n for r in against)
+    open_causes = []
+    if iters and max(iters) < PAPER_ITERATIONS and "budget" not in excluded:
+        open_causes.append(f"budget ({'/'.join(f'{i:,}' for i in iters)} iterations against the paper's "
+                           f">= {PAPER_ITERATIONS:,})")
+    open_causes.append(f"world ({', '.join(worlds)}: small embedded worlds, not the paper's ImageNet)")
+    if "estep" not in excluded:
+        open_causes.append("the short-run E-step (K steps of Langevin from the student's own samples)")
+    if n_min < 5:
+        open_causes.append(f"seeds (as few as n={n_min}: small effects stay inside the intervals)")
+    text = ("Where our data point against the paper (the claims above), what may explain it and is not yet ruled out "
+            "by this page's evidence: " + "; ".join(open_causes) + ".")
+    if excluded:
+        text += " Ruled out by the page's own runs: " + "; ".join(excluded.values()) + "."
+    return text

@@ -94,9 +94,16 @@ class Estimate:
     mean: float
     lo: float
     hi: float
+    clipped: bool = False  # the t-interval crossed the metric's range and was cut to it
 
     def __str__(self) -> str:
-        return f"{fmt(self.mean)} [{fmt(self.lo)}, {fmt(self.hi)}]"
+        return f"{fmt(self.mean)} [{fmt(self.lo)}, {fmt(self.hi)}]" + ("*" if self.clipped else "")
+
+
+# The ranges of bounded metrics: a t-interval that leaves one is cut to it and starred (SEEDED_NOTE says so).
+# modes_covered is bounded by the record's modes_total.
+METRIC_RANGE = {"precision": (0.0, 1.0), "recall": (0.0, 1.0), "mode_tv": (0.0, 1.0), "mode_precision": (0.0, 1.0),
+                "fid": (0.0, math.inf), "mode_coverage": (0.0, 1.0), "modes_covered": (0.0, None)}
 
 
 def with_interval(entry: Entry | None, key: str, value: Any) -> Any:
@@ -105,7 +112,13 @@ def with_interval(entry: Entry | None, key: str, value: Any) -> Any:
     if not rec or not is_number(value):
         return value
     lo, hi = rec.get(f"{key}_ci95_lo"), rec.get(f"{key}_ci95_hi")
-    return Estimate(float(value), float(lo), float(hi)) if is_number(lo) and is_number(hi) else value
+    if not (is_number(lo) and is_number(hi)):
+        return value
+    low, high = METRIC_RANGE.get(key, (-math.inf, math.inf))
+    if key == "modes_covered":
+        high = float(rec["modes_total"]) if is_number(rec.get("modes_total")) else math.inf
+    lo_c, hi_c = max(float(lo), low), min(float(hi), high)
+    return Estimate(float(value), lo_c, hi_c, clipped=(lo_c, hi_c) != (float(lo), float(hi)))
 
 
 def fmt(v: Any) -> str:
@@ -136,7 +149,17 @@ def _metric_cells(entry: Entry | None, toy: bool, world_def: World | None = None
         cells[metric_name("modes_covered", world_def)] = f"{covered}/{total}" \
             if isinstance(covered, int) and isinstance(total, int) else covered
         cells[metric_name("mode_tv", world_def)] = get("mode_tv")
+        cells[metric_name("mode_precision", world_def)] = get("mode_precision")
     return cells
+
+
+def headline_table(world: str, main: Table, world_def: World) -> Table:
+    """The main table in the paper's form, for the page's summary: method, NFE and the world's primary metrics
+    only (World.primary_metrics, in its order), the noise floor and teacher rows included."""
+    cols = [c for c in (metric_name(k, world_def) for k, _ in world_def.primary_metrics) if c in main.frame]
+    frame = main.frame[[c for c in ("method", "NFE") if c in main.frame] + cols] if len(main.frame) else main.frame
+    return Table(f"{world}_headline", f"{world}: the world's primary metrics (method, NFE, seed mean [95% t])",
+                 frame.reset_index(drop=True), SEEDED_NOTE.strip(), main.missing)
 
 
 # The short factor keys as the resolved settings (Entry.setting["settings"]) name them.
@@ -331,7 +354,8 @@ def ablation_line(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]
 
 
 SEEDED_NOTE = (" A run over several seeds shows the seed mean and its 95% Student-t interval, 'mean [lo, hi]' (n: the "
-               "provenance table).")
+               "provenance table); * marks an interval cut to the metric's range (0 to 1, or to the number of "
+               "modes), where the t-interval of a few seeds left it.")
 
 
 def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]], toy: bool,
@@ -359,12 +383,15 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
 
     def add(method: str, e: Entry, nfe: Any) -> None:
         rows.append({"method": method, "experiment": e.name, "NFE": nfe, **_metric_cells(e, toy, world_def),
+                     **({metric_name("nll", world_def): e.get("nll")} if toy else {}),
                      metric_name("samples_per_s", world_def): e.get("samples_per_s")})
 
     if floor is not None:
         rec = Entry("-", "floor", world, {}, floor)
         rows.append({"method": "Real data: training vs held-out split (noise floor)", "experiment": "-",
-                     "NFE": "-", **_metric_cells(rec, toy, world_def), metric_name("samples_per_s", world_def): "-"})
+                     "NFE": "-", **_metric_cells(rec, toy, world_def),
+                     **({metric_name("nll", world_def): rec.get("nll")} if toy else {}),
+                     metric_name("samples_per_s", world_def): "-"})
 
     for t in (e for e in entries if e.kind == "teacher"):
         if ran(t):

@@ -157,7 +157,8 @@ def test_main_table_rows_and_columns(built):
     main = table(root, "toy2d_main")
     # Honest names: a 2-D Frechet distance is not an FID; arrows give the direction of better.
     assert list(main.columns) == ["method", "experiment", "NFE", "FD (2-D) \u2193", "precision \u2191",
-                                  "recall \u2191", "modes covered \u2191", "mode TV \u2193", "samples/s \u2191"]
+                                  "recall \u2191", "modes covered \u2191", "mode TV \u2193", "mode precision \u2191",
+                                  "NLL (nats) \u2193", "samples/s \u2191"]
     floor = "Real data: training vs held-out split (noise floor)"
     assert list(main.method) == [floor, "Teacher (35 NFE)", "Diff-Instruct (K=1)", "EMD-4", "EMD-8"]
     assert list(main.experiment) == ["-", "toy2d_mlp", "tiny_di", "tiny_emd", "tiny_emd_k8"]
@@ -600,3 +601,35 @@ def test_each_suite_has_its_own_folder_and_the_pages_link_each_other(built, tmp_
     elsewhere = tmp_path / "elsewhere"
     build_report(params, "toy_only", elsewhere, reports_in=reports, runs_dir=copy_root / "runs")
     assert "Report of suite" not in (elsewhere / "index.md").read_text()
+
+
+def test_benchmarks_go_to_the_default_pages_appendix_with_a_short_form_on_the_page(built, tmp_path):
+    """The E-step benchmarks' sections in full (method paragraph, tables) are in appendix.md of the default
+    suite's page; the page itself has their computed verdicts and figures and links the appendix; another suite's
+    page repeats none of it and links the default page."""
+    from mct.report_exact import SECTION
+
+    root, params, _ = built
+    copy_root = tmp_path / "r"
+    shutil.copytree(root, copy_root)
+    reports = copy_root / "reports"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "reports" / "benchmarks" / "toy2d_exact",
+                    reports / "benchmarks" / "toy2d_exact")
+    build_report(params, "smoke", reports, reports_in=reports, runs_dir=copy_root / "runs")
+    md, appendix = (reports / "index.md").read_text(), (reports / "appendix.md").read_text()
+    assert f"## {SECTION}" in appendix and f"### {SECTION}" in md and "[Appendix: the E-step benchmarks in full]" \
+        "(appendix.md)" in md
+    assert "**Exact E-step, EMD-8 and Diff-Instruct per world and budget**" in appendix
+    assert "**Exact E-step, EMD-8 and Diff-Instruct per world and budget**" not in md
+    assert "EMD with an exact E-step (distill.estep: exact" in appendix and "distill.estep: exact" not in md
+    assert "No budget tried" in md  # the computed verdict is on the page
+    assert "[Back to the report](index.md)" in appendix
+    other = reports / "suites" / "toy_only"
+    build_report(params, "toy_only", other, reports_in=reports, runs_dir=copy_root / "runs")
+    assert not (other / "appendix.md").exists() and SECTION not in (other / "index.md").read_text()
+    assert "E-step benchmarks" in (other / "index.md").read_text()
+    # the summary opens with the headline table of the world's primary metrics
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert "**toy2d: the world's primary metrics" in summary
+    assert ("| method | NFE | modes covered \u2191 | mode TV \u2193 | mode precision \u2191 | NLL (nats) \u2193 |"
+            in summary)

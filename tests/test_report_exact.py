@@ -56,3 +56,57 @@ def test_section_is_added_with_its_figure(tmp_path):
     empty = Page("t")
     add_toy2d_exact(empty, tmp_path / "absent", tmp_path)  # not run: no section
     assert empty.blocks == []
+
+
+def _with_4x(runs: pd.DataFrame, emd_shift: float) -> pd.DataFrame:
+    """The same runs again as budget '4x', EMD-8 moved by ``emd_shift`` in every metric's better direction."""
+    x4 = runs.copy()
+    x4["budget"] = "4x"
+    x4["setting"] = x4.setting + "_x4"  # as the benchmark names them: one name per budget
+    sign = {"modes_covered": 1, "mode_tv": -1, "mode_precision": 1}
+    for m, s in sign.items():
+        x4.loc[x4.setting == "emd8_x4", m] += s * emd_shift * (3.0 if m == "modes_covered" else 0.1)
+    return pd.concat([runs, x4], ignore_index=True)
+
+
+def test_the_page_names_as_ruled_out_only_what_the_runs_rule_out(tmp_path):
+    """'estep' is ruled out when not even the exact E-step beats Diff-Instruct, never when it does; 'budget' when
+    EMD-8 at the larger budget still does not; the causes paragraph then leaves both out of what remains open."""
+    from mct.report_claims import likely_causes
+    from mct.report_exact import excluded_causes
+
+    bench = tmp_path / "b"
+    bench.mkdir()
+    losing = _runs({"modes_covered": 3.0, "mode_tv": -0.1, "mode_precision": -0.15}, emd_share=0.2)
+    _with_4x(losing, 0.0).to_csv(bench / "runs.csv", index=False)
+    ex = excluded_causes(bench, ["toy2d"])
+    assert set(ex) == {"budget", "estep"} and "toy2d 4x: EMD-8 does not beat" in ex["budget"]
+    assert excluded_causes(bench, ["digits"]) == {}  # another world's page: this benchmark rules out nothing
+
+    winning = _runs({"modes_covered": 3.0, "mode_tv": -0.1, "mode_precision": 0.1}, emd_share=0.2)
+    _with_4x(winning, 2.0).to_csv(bench / "runs.csv", index=False)  # EMD-8 at 4x beats DI on all three
+    assert excluded_causes(bench, ["toy2d"]) == {}
+
+    class R:  # one claim result against the paper, as mct.claims makes them
+        verdict, opposite, n, world, compared = "inconclusive", True, 3, "toy2d", ("a", "b")
+
+    from mct.report_collect import Entry
+    entries = [Entry(n, "experiment", "toy2d", {"iterations": 1500}, None) for n in ("a", "b")]
+    open_only = likely_causes([R()], entries, {})
+    assert "budget (1,500 iterations" in open_only and "short-run E-step" in open_only and "Ruled out" not in open_only
+    ruled = likely_causes([R()], entries, ex)
+    assert "budget (" not in ruled and "short-run E-step" not in ruled and "Ruled out by the page's own runs" in ruled
+    assert likely_causes([], entries, ex) == ""
+
+
+def test_an_interval_outside_the_metric_range_is_cut_and_starred():
+    from mct.report_collect import Entry
+    from mct.report_tables import fmt, with_interval
+
+    rec = {"mode_tv": 0.242, "mode_tv_ci95_lo": -0.0307, "mode_tv_ci95_hi": 0.514, "modes_covered": 21.3,
+           "modes_covered_ci95_lo": 17.5, "modes_covered_ci95_hi": 25.1, "modes_total": 25,
+           "precision": 0.5, "precision_ci95_lo": 0.4, "precision_ci95_hi": 0.6}
+    e = Entry("x", "experiment", "toy2d", {}, rec)
+    assert fmt(with_interval(e, "mode_tv", rec["mode_tv"])) == "0.242 [0, 0.514]*"
+    assert fmt(with_interval(e, "modes_covered", rec["modes_covered"])) == "21.3 [17.5, 25]*"
+    assert fmt(with_interval(e, "precision", rec["precision"])) == "0.5 [0.4, 0.6]"  # inside: unchanged
