@@ -48,6 +48,8 @@ from mct.report_collect import (
     read_log,
     seed_records,
 )
+from mct.report_cost import cost_record, slope_text, speed_text
+from mct.report_cost import cost_table as benchmark_cost_table
 from mct.report_figures import fig_image_samples, fig_k_sweep, fig_noise, fig_speed, fig_toy_samples, image_samples
 from mct.report_provenance import provenance
 from mct.report_tables import (
@@ -277,7 +279,12 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
         discuss(ab.name)
     if _outside_line(we, ref):
         page.p(_outside_line(we, ref))
-    _put(page, cost_table(w, we, members["K"]))
+    bench_cost = cost_record(src.reports_in / "benchmarks" / "estep_cost", w)
+    if bench_cost is not None:  # timing from the dedicated benchmark, not from the suite's loaded runs
+        page.table(benchmark_cost_table(w, bench_cost))
+        page.p(speed_text(w, bench_cost))
+    else:
+        _put(page, cost_table(w, we, members["K"]))
     discuss("cost")
     page.h(3, "Figures")
     teachers = [(e.name, params.teacher(e.name)) for e in we if e.kind == "teacher"]
@@ -290,7 +297,8 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
             grids = []
         else:
             grids = fig_image_samples(w, we, src, figures)
-        fig_speed(w, we, figures / f"{w}_speed.png")
+        if bench_cost is None:  # with the benchmark, the speed-up is its one side-by-side number
+            fig_speed(w, we, figures / f"{w}_speed.png")
     fd = plain_metric_name(metric_name("fid", kinds[w]))
     page.figure(f"{w}_k_sweep.png", f"{w}: {fd}, recall{', modes covered' if toy else ''} against K "
                                     "(Diff-Instruct dashed, teacher dotted)")
@@ -302,8 +310,10 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
                                                                      "as image grids")
     for name in grids:
         page.figure(name, f"{w}: sample grid {name}")
-    page.figure(f"{w}_speed.png", f"{w}: speed-up of each one-step student over the teacher (ratio of "
-                                  "samples per second; dashed: the teacher's NFE)")
+    if bench_cost is None:
+        page.figure(f"{w}_speed.png", f"{w}: speed-up of each one-step student over the teacher (ratio of "
+                                      "samples per second timed by the evaluate stage, machine load not controlled; "
+                                      "dashed: the teacher's NFE)")
     page.h(3, "All experiments")
     _put(page, experiments_table(w, we, toy, kinds[w]))
     _put(page, settings_table(w, we))
@@ -358,6 +368,9 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path,
     page.h(2, "Claims")
     if any(r.n > 0 for r in results):
         page.table(claims_table(results, kinds, CLAIMS, not_judged(CLAIMS, worlds, primary, judged)))
+        tested = {r.claim.key: r.claim for r in results if r.n > 0}
+        page.p("Where the paper makes each claim, and how sure that reading is: "
+               + "; ".join(f"{c.text}: {c.paper}" for c in tested.values()) + ".")
     else:
         page.p("No claim of mct.claims.CLAIMS is testable in this suite: it does not run the experiments they "
                "compare.")
@@ -366,8 +379,13 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path,
     causes = likely_causes(results, entries, excluded_causes(src.reports_in / "benchmarks" / "toy2d_exact", worlds))
     if causes:
         page.p(causes)
+    cost_bench = src.reports_in / "benchmarks" / "estep_cost"
+    timed = {w: rec for w in worlds if (rec := cost_record(cost_bench, w)) is not None}
+    measured = [r for r in measured if r.world not in timed]  # the dedicated benchmark replaces the suite's timing
     if any(r.n > 0 for r in measured):
         page.table(measurements_table(measured, kinds))
+    for w, rec in timed.items():
+        page.p("Measurement (not a claim): " + slope_text(w, rec))
     page.p("Metrics. " + METRIC_DEFINITIONS)
     page.h(2, "Provenance")
     paras, prov = provenance([e for e in entries if ran(e)], src, params)
