@@ -227,7 +227,12 @@ def _teacher_world(p: Params, t: str) -> str:
 
 
 # what the report stage writes into its suite's folder
+DEFAULT_PAGE_ONLY = ("appendix_md", "appendix_html")
+# the benchmarks whose committed outputs the report reads: the sections' (paths.REPORT_BENCHMARKS) and the timing
+# benchmark behind the cost tables (mct.report_cost)
+REPORT_INPUT_BENCHMARKS = (*paths.REPORT_BENCHMARKS, paths.REPORTS / "benchmarks" / "estep_cost")
 REPORT_OUTPUTS = {"metrics": "metrics.json", "index_md": "index.md", "index_html": "index.html",
+                  "appendix_md": "appendix.md", "appendix_html": "appendix.html",
                   "tables": "tables", "figures": "figures"}
 
 STAGES: tuple[Stage, ...] = (
@@ -333,9 +338,11 @@ STAGES: tuple[Stage, ...] = (
               # the toy2d panels draw the teacher's own samples
               "teacher_nets": [str(paths.teacher_file(t)) for t in p.suite_teachers(s)],
               # the E-step benchmarks' committed outputs, shown in their own sections when present
-              "benchmarks": [str(d) for d in paths.REPORT_BENCHMARKS if Path(d).exists()]},
+              "benchmarks": [str(d) for d in REPORT_INPUT_BENCHMARKS if Path(d).exists()]},
           # the default suite's page is reports/, any other suite's reports/suites/<suite>/ (paths.report_dir)
-          outputs=lambda p, s: {k: str(paths.report_dir(s, p.suite) / f) for k, f in REPORT_OUTPUTS.items()},
+          # the default suite's page also has the benchmarks' appendix (mct.report.summarise_appendix)
+          outputs=lambda p, s: {k: str(paths.report_dir(s, p.suite) / f) for k, f in REPORT_OUTPUTS.items()
+                                if s == p.suite or k not in DEFAULT_PAGE_ONLY},
           params=lambda p, s: _unique([f"suites.{s}"] + [f"experiments.{e}" for e in p.suite_experiments(s)]
                                       + [f"templates.{t}" for t in sorted({p.experiment(e).template
                                                                           for e in p.suite_experiments(s)} - {""})]

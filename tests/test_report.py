@@ -667,3 +667,20 @@ def test_cost_comes_from_the_timing_benchmark_when_it_has_run(built, tmp_path):
     assert "Measurements: properties true by construction" not in md  # the suite-timed fit is replaced
     cost = pd.read_csv(tmp_path / "page" / "tables" / "toy2d_cost.csv", dtype=str)
     assert list(cost.experiment) == list(rec["sec_per_iter"]) and cost["x Diff-Instruct"][0] == "1.0"
+
+
+def test_an_image_worlds_page_gives_its_feature_classifiers_held_out_accuracy(built, tmp_path):
+    from mct import paths
+    from mct.metrics.features import FeatureNet, save_feature_net
+
+    root, params, _ = built
+    copy_root = tmp_path / "r"
+    shutil.copytree(root, copy_root)
+    net = copy_root / "runs" / paths.feature_net("digits").relative_to(paths.RUNS)
+    net.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    save_feature_net(net, FeatureNet(), {"held_out_accuracy": 0.9875, "epochs": 30})
+    build_report(params, "report", tmp_path / "page", reports_in=copy_root / "reports", runs_dir=copy_root / "runs")
+    md = (tmp_path / "page" / "index.md").read_text()
+    assert "a classifier trained on the training split of digits (`mct features`), held-out accuracy 0.9875 after 30 " \
+           "epochs." in md
