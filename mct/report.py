@@ -366,6 +366,12 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path,
                "the DVC cache, not in git). Their sample panels, gradient-norm columns and training curves are "
                "empty; `dvc repro` (or `dvc pull` from a remote) restores them. Every number in the tables comes "
                "from the evaluator records and is unaffected.")
+    stray = [e.name for e in entries if e.kind == "experiment" and e.runs
+             and (src.summary(e.name).exists() or Path(src.experiment_metrics(e.name)).exists())]
+    if stray:  # e.g. `mct distill --experiment E` without --run-seed: a run of no seed of the suite
+        page.p(f"Outputs of a run without a seed (a hand run without --run-seed) exist for {', '.join(stray)} "
+               f"(under {src.runs}/experiments/E/ or reports/experiments/E.json); this page reads only the "
+               "suite's seeds (E/seed<k>) and leaves those out.")
     worlds = params.suite_worlds(suite)
     records = seed_records(entries, src)
     primary = {w: kinds[w].primary_metrics for w in worlds}

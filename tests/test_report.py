@@ -684,3 +684,24 @@ def test_an_image_worlds_page_gives_its_feature_classifiers_held_out_accuracy(bu
     md = (tmp_path / "page" / "index.md").read_text()
     assert "a classifier trained on the training split of digits (`mct features`), held-out accuracy 0.9875 after 30 " \
            "epochs." in md
+
+
+def test_a_run_without_a_seed_beside_a_seeded_suite_is_named_not_read(built, tmp_path):
+    """`mct distill --experiment E` without --run-seed writes runs/experiments/E/; a page of a suite that runs E's
+    seeds says that run exists and that it is not read, instead of passing over it in silence."""
+    root, _, _ = built
+    raw = report_raw()
+    raw["suites"]["toy_only"] = {"experiments": ["tiny_di", "tiny_emd"], "seeds": [0]}
+    params = parse_params(raw)
+    copy_root = tmp_path / "r"
+    shutil.copytree(root, copy_root)
+    for name in ("tiny_di", "tiny_emd"):  # the fixture's unseeded records and runs: none for this suite
+        (copy_root / "reports" / "experiments" / f"{name}.json").unlink(missing_ok=True)
+        shutil.rmtree(copy_root / "runs" / "experiments" / name / "distill", ignore_errors=True)
+    build_report(params, "toy_only", tmp_path / "a", reports_in=copy_root / "reports", runs_dir=copy_root / "runs")
+    assert "a run without a seed" not in (tmp_path / "a" / "index.md").read_text()
+    (copy_root / "runs" / "experiments" / "tiny_emd" / "distill").mkdir(parents=True, exist_ok=True)
+    (copy_root / "runs" / "experiments" / "tiny_emd" / "distill" / "summary.json").write_text("{}")
+    build_report(params, "toy_only", tmp_path / "b", reports_in=copy_root / "reports", runs_dir=copy_root / "runs")
+    md = (tmp_path / "b" / "index.md").read_text()
+    assert "Outputs of a run without a seed (a hand run without --run-seed) exist for tiny_emd" in md

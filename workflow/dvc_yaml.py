@@ -6,9 +6,9 @@ as deps, the params.yaml sections it reads as params, and its outputs (runs/ in 
 git with `cache: false`, JSON records as metrics). The world, teacher and report jobs live in dvc.yaml; the jobs
 of each experiment's runs (all its seeds) in pipelines/<experiment>/dvc.yaml, which DVC joins into one graph:
 `dvc repro` reaches them through the report's inputs. One file per experiment keeps each dvc.lock small: DVC
-re-reads and rewrites a stage's whole lock file after every stage, which in one file of 144 stages cost several
-seconds a stage. Regenerate after changing params.yaml's default suite, its experiments, seeds, templates, worlds
-or teachers, or any import between mct modules:
+re-reads and rewrites a stage's whole lock file after every stage, which in one file of 144 stages (an earlier
+suite) cost several seconds a stage. Regenerate after changing params.yaml's default suite, its experiments,
+seeds, templates, worlds or teachers, or any import between mct modules:
 
     python workflow/dvc_yaml.py --write      # rewrite the files (and remove pipelines/ of experiments gone)
     python workflow/dvc_yaml.py --check      # exit 1 when a file is out of date (tests/test_dag.py checks too)
@@ -168,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
     for f in extra:  # an experiment left the suite: its pipeline file and lock go with it
         for gone in (root / f, (root / f).with_suffix(".lock")):
-            gone.unlink(missing_ok=True)
+            if gone.exists():
+                gone.unlink()
+                print(f"removed {gone}" + ("" if gone.suffix == ".yaml" else
+                                           " (the record of that experiment's runs; `git checkout` restores it)"))
         if not any((root / f).parent.iterdir()):
             (root / f).parent.rmdir()
-        print(f"removed {root / f}")
     return 0
 
 
