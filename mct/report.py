@@ -127,13 +127,12 @@ class Page:
                 out += [f"![{b[2]}](figures/{b[1]})", "", f"*{b[2]}*", ""]
             else:
                 t: Table = b[1]
-                out += [f"**{t.title}**", "", markdown_table(t.display()), ""]
+                csv, tex = f"tables/{t.name}.csv", f"tables/{t.name}.tex"
+                out += [f"**{t.title}** ([csv]({csv}), [tex]({tex}))", "", markdown_table(t.display()), ""]
                 if t.missing:
                     out += [t.missing, ""]
                 if t.note:
                     out += [t.note, ""]
-                csv, tex = f"tables/{t.name}.csv", f"tables/{t.name}.tex"
-                out += [f"Files: [{csv}]({csv}), [{tex}]({tex})", ""]
         return "\n".join(out).rstrip() + "\n"
 
     def html(self) -> str:

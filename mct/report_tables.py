@@ -371,9 +371,8 @@ def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry
     missing = [_not_run_label(label, group) for label, group in members if not any(ran(e) for e in group)]
     if missing and ab.name == "K":  # 'K = 1, 2, 8, 16', not bare numbers
         missing = ["K = " + ", ".join(missing)]
-    seeded = any(isinstance(v, Estimate) for row in rows for v in row.values())
     return Table(f"{world}_{ab.name}", f"{world}: {ab.title}", pd.DataFrame(rows, dtype=object),
-                 (ab.note + SEEDED_NOTE).strip() if seeded else ab.note, not_run_line(missing, ab.others))
+                 ab.note, not_run_line(missing, ab.others))  # SEEDED_NOTE: once, under the summary's table
 
 
 def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]],
@@ -411,7 +410,8 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
                 if group and not any(ran(e) for e in group)]  # the suite's K without metrics
     if not any(group for _, group in k_members):
         missing.append("EMD-K")
-    note = "EMD-K rows: the world's reference EMD setting at each K that the suite runs." + SEEDED_NOTE
+    note = ("EMD-K rows: the world's reference EMD setting at each K that the suite runs; 'mean [lo, hi]' as in the "
+            "summary's table.")
     if floor is not None:
         note += (f" Noise floor: {floor['count']:,} training-split points against the held-out reference set "
                  "through the same metrics; no model can be told apart from the data below it.")

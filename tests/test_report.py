@@ -142,7 +142,7 @@ def table(root: Path, name: str) -> pd.DataFrame:
 def after_table(md: str, title: str) -> str:
     """The paragraph of index.md directly under the table titled ``title``."""
     blocks = md.split("\n\n")
-    i = blocks.index(f"**{title}**")
+    i = next(k for k, b in enumerate(blocks) if b.startswith(f"**{title}** ([csv]("))
     assert blocks[i + 1].startswith("|")  # the table itself
     return blocks[i + 2]
 
@@ -456,7 +456,7 @@ def test_html_in_headless_chromium(built, tmp_path):
     assert len(imgs) >= 9 and all(imgs.values()), [s for s, ok in imgs.items() if not ok]
     files = [a["href"] for a in result["links"] if a["target"] is None]
     anchors = [a for a in result["links"] if a["target"] is not None]
-    n_tables = (out / "index.md").read_text().count("\nFiles: [tables/")
+    n_tables = (out / "index.md").read_text().count("** ([csv](tables/")
     assert n_tables >= 12 and len(files) == 2 * n_tables  # csv + tex per table
     assert all((out / h).is_file() for h in files), files
     want = ["#summary", "#claims", "#provenance", "#world-digits-digits", "#world-toy2d-toy2d", "#paper-scale-results"]
@@ -503,7 +503,7 @@ def test_claims_table_and_generated_discussion(built, tmp_path, monkeypatch):
     md = (tmp_path / "index.md").read_text()
     assert md.index("## Claims") < md.index("## Provenance") < md.index("## World")
     assert md.count("Paper: more steps help.") == 1 and "Paper: eMD-K" not in md and "Paper: EMD-K" not in md
-    k_table = md.index("**toy2d: Number of Langevin steps K**")
+    k_table = md.index("**toy2d: Number of Langevin steps K** (")
     assert k_table < md.index("Paper: more steps help.") < md.index("toy2d: no initialisation ablation")
     assert "1,500" not in md and "iterations against the paper's >= 100,000" in md
     # The claims that no world of the suite could test are named in the note; tested ones are not.
@@ -621,7 +621,7 @@ def test_benchmarks_go_to_the_default_pages_appendix_with_a_short_form_on_the_pa
     md, appendix = (reports / "index.md").read_text(), (reports / "appendix.md").read_text()
     assert f"## {SECTION}" in appendix and f"### {SECTION}" in md and "[Appendix: the E-step benchmarks in full]" \
         "(appendix.md)" in md
-    assert "**Exact E-step, EMD-8 and Diff-Instruct per world and budget**" in appendix
+    assert "**Exact E-step, EMD-8 and Diff-Instruct per world and budget** (" in appendix
     assert "**Exact E-step, EMD-8 and Diff-Instruct per world and budget**" not in md
     assert "EMD with an exact E-step (distill.estep: exact" in appendix and "distill.estep: exact" not in md
     assert "No budget tried" in md  # the computed verdict is on the page
@@ -661,7 +661,7 @@ def test_cost_comes_from_the_timing_benchmark_when_it_has_run(built, tmp_path):
     shutil.copytree(out, reports / "benchmarks" / "estep_cost")
     build_report(params, "toy_only", tmp_path / "page", reports_in=reports, runs_dir=copy_root / "runs")
     md = (tmp_path / "page" / "index.md").read_text()
-    assert "**toy2d: training cost per iteration (dedicated benchmark)**" in md
+    assert "**toy2d: training cost per iteration (dedicated benchmark)** (" in md
     assert "Measurement (not a claim): toy2d: training cost per iteration grows by" in md
     assert "sampling, side by side in one process" in md and "toy2d_speed.png" not in md
     assert "Measurements: properties true by construction" not in md  # the suite-timed fit is replaced
