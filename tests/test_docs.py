@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -60,3 +61,59 @@ def test_method_page_states_the_papers_numbers():
     text = (REPO / "docs" / "method.md").read_text()
     for number in ("2.20", "6.0", "9.66"):
         assert number in text
+
+
+def test_readme_result_blocks_are_the_report_pages_summaries():
+    """Every README number of the suites' results is generated from the committed pages (whose Summary the report
+    builds from the same records as its CSVs): a block that differs from its page fails here."""
+    r = subprocess.run(["python", "scripts/readme_results.py", "--check"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert {"embedded", "skewed", "digits"} <= set(re.findall(r"<!-- results:([\w-]+) -->", README))
+
+
+def test_a_hand_edited_readme_number_is_caught(tmp_path):
+    """The check compares text: one changed digit inside a block makes the rendered README differ."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", REPO / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    block = mod.BLOCK.search(README)
+    assert block is not None and mod.render(README) == README
+    body = block.group("body")
+    digit = re.search(r"\d", body.split("\n\n", 1)[1])
+    assert digit is not None
+    i = len(body.split("\n\n", 1)[0]) + 2 + digit.start()
+    edited = body[:i] + str((int(body[i]) + 1) % 10) + body[i + 1:]
+    tampered = README.replace(body, edited, 1)
+    assert tampered != README and mod.render(tampered) == README
+
+
+def test_bring_your_own_teacher_snippet_runs_as_documented(clone):
+    """README's snippet writes a random-weight mct-format teacher; pinned in a params file as README says, `mct
+    teacher` takes it in (checking the pin) and `mct teacher-eval` samples it."""
+    import hashlib
+
+    import yaml
+
+    block = re.search(r"```python\n(\s*# bring your own teacher.*?)```", README, re.S)
+    assert block is not None, "README's bring-your-own-teacher snippet is gone"
+    code = "\n".join(line[2:] if line.startswith("  ") else line for line in block.group(1).splitlines())
+    r = subprocess.run(["python", "-c", code], cwd=clone, env=env_for(clone), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    digest = r.stdout.strip().splitlines()[-1]
+    assert digest == hashlib.sha256((clone / "my_teacher.pt").read_bytes()).hexdigest()
+    raw = yaml.safe_load((clone / "params.yaml").read_text())
+    raw["teachers"]["mine"] = {"world": "toy2d", "kind": "fetch", "arch": "mlp",
+                               "arch_kwargs": {"hidden": 128, "depth": 4}, "source": "my_teacher.pt",
+                               "sha256": digest}
+    (clone / "mine.yaml").write_text(yaml.safe_dump(raw))
+    for argv in (["teacher", "--teacher", "mine"], ["prepare", "--world", "toy2d"], ["ref-stats", "--world", "toy2d"],
+                 ["teacher-eval", "--teacher", "mine", "--num", "500"]):
+        r = subprocess.run(["python", "-m", "mct", *argv, "--params", "mine.yaml", "--no-progress"], cwd=clone,
+                           env=env_for(clone), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (argv, r.stderr[-2000:])
+    assert (clone / "runs" / "teachers" / "mine" / "teacher.pt").read_bytes() == (clone / "my_teacher.pt").read_bytes()
+    assert json.loads((clone / "reports" / "teachers" / "mine.json").read_text())["modes_total"] == 25
