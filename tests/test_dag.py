@@ -32,7 +32,7 @@ ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 ENV.pop("SNAKEMAKE_PROFILE", None)
 ARTIFACT_ROOTS = (paths.RUNS.name, paths.REPORTS.name)
 # committed outputs of the benchmark scripts (not stages) that the report shows: inputs from git, like params.yaml
-SCRIPT_OUTPUTS = {str(d) for d in paths.REPORT_BENCHMARKS}
+SCRIPT_OUTPUTS = {str(d) for d in stages.REPORT_INPUT_BENCHMARKS}  # committed outputs of benchmarks/ scripts
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def scratch_copy(dst: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "profiles", "*.pyc")
     shutil.copytree(REPO / "workflow", dst / "workflow", ignore=ignore)
     shutil.copytree(REPO / "mct", dst / "mct", ignore=ignore)
-    for bench in paths.REPORT_BENCHMARKS:  # committed benchmark outputs the report stage reads
+    for bench in stages.REPORT_INPUT_BENCHMARKS:  # committed benchmark outputs the report stage reads
         if (REPO / bench).exists():
             shutil.copytree(REPO / bench, dst / bench)
     (dst / ".dvc").mkdir()
