@@ -6,7 +6,7 @@ runs.csv exists; every sentence is computed from the paired intervals."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +86,21 @@ def recovered(runs: pd.DataFrame, emd: str, exact: str, di: str, metric: str, re
     return float((e - d).mean() / (x - d).mean()), float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
 
 
+def budget_groups(ok: pd.DataFrame) -> Iterator[tuple[str, str, dict[str, str], pd.DataFrame]]:
+    """(world, budget, family -> setting, the group's runs) for each (world, budget) of the benchmark's ok runs that
+    has a Diff-Instruct row to compare against; the 'check' budget is not a comparison."""
+    for (world, budget), grp in ok[ok.budget != "check"].groupby(["world", "budget"], sort=False):
+        names = {_family(s): s for s in grp.setting.unique()}
+        if "di" in names:
+            yield world, budget, names, grp
+
+
 def findings(runs: pd.DataFrame) -> list[str]:
     """Sentences per world and budget: the exact E-step's and EMD-8's verdicts against Diff-Instruct, and the share
     recovered; then whether any setting makes the mode-covering objective win."""
     out, won = [], []
     ok = runs[runs.status == "ok"].drop_duplicates(["world", "setting", "seed"])
-    for (world, budget), grp in ok[ok.budget != "check"].groupby(["world", "budget"], sort=False):
-        names = {_family(s): s for s in grp.setting.unique()}
-        if "di" not in names:
-            continue
+    for world, budget, names, grp in budget_groups(ok):
         di = names["di"]
         parts = []
         for fam in ("exact", "exact_plain", "emd8"):
@@ -151,13 +157,9 @@ def excluded_causes(bench: Path, worlds: Sequence[str]) -> dict[str, str]:
     if not runs_csv.exists():
         return {}
     runs = pd.read_csv(runs_csv)
-    ok = runs[(runs.status == "ok") & (runs.budget != "check") & runs.world.isin(list(worlds))]
-    ok = ok.drop_duplicates(["world", "setting", "seed"])
+    ok = runs[(runs.status == "ok") & runs.world.isin(list(worlds))].drop_duplicates(["world", "setting", "seed"])
     budget_lines, budget_won, exact_won, exact_tried = [], False, False, []
-    for (world, budget), grp in ok.groupby(["world", "budget"], sort=False):
-        names = {_family(s): s for s in grp.setting.unique()}
-        if "di" not in names:
-            continue
+    for world, budget, names, grp in budget_groups(ok):
         if "emd8" in names and budget != "1x":
             v = verdict(wins(grp, names["emd8"], names["di"]))
             budget_lines.append(f"{world} {budget}: EMD-8 {v}")
