@@ -55,6 +55,37 @@ def _need(path: Path, made_by: str) -> Path:
     return Path(path)
 
 
+class RunMismatch(ValueError):
+    """A distilled generator was made under other settings than the params a later stage runs it under."""
+
+
+def _check_distilled(exp, distill_dir: Path, args: argparse.Namespace) -> None:
+    """Stop (before any work) when the generator's recorded settings (its summary.json, written by distill) differ
+    from the params this stage runs under: the record would carry settings the numbers were not made with. Said
+    as every differing key, recorded -> now; --allow-settings-mismatch goes on, with a warning."""
+    from mct.config import numeric_settings, settings_changes
+
+    summary = Path(distill_dir) / "summary.json"
+    if not summary.exists():  # a generator from elsewhere (--generator): nothing recorded to check
+        return
+    recorded = json.loads(summary.read_text()).get("settings")
+    if recorded is None:
+        print(f"warning: {summary} records no settings (written by an older mct): the generator is not checked "
+              "against the params", file=sys.stderr)
+        return
+    changes = settings_changes(recorded, numeric_settings(exp))
+    if not changes:
+        return
+    what = (f"the generator in {distill_dir} was distilled under other settings than these params give "
+            f"(recorded -> now): {'; '.join(changes)}")
+    if getattr(args, "allow_settings_mismatch", False):
+        print(f"warning: {what}; going on (--allow-settings-mismatch): the output is labelled with the current "
+              "params", file=sys.stderr)
+        return
+    raise RunMismatch(f"{what}. Give this stage the same -S overrides the distill run had, rerun distill under "
+                      "these params, or pass --allow-settings-mismatch")
+
+
 def _seed_flag(args: argparse.Namespace) -> str:
     return f" --run-seed {args.run_seed}" if getattr(args, "run_seed", None) is not None else ""
 
@@ -166,6 +197,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     world = _world(params, exp.world)
     generator = _need(Path(args.generator or paths.distill_dir(run) / "generator.pt"),
                       f"mct distill --experiment {args.experiment}{_seed_flag(args)}")
+    _check_distilled(exp, generator.parent, args)
     gen = load_generator(generator, world, "ema")
     n = args.num or exp.eval.num_samples
     seed = exp.eval.seed if args.seed is None else args.seed
@@ -240,6 +272,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     world = _world(params, exp.world)
     samples = _need(paths.samples_file(run), f"mct sample --experiment {args.experiment}{_seed_flag(args)}")
     distilled = _need(paths.distill_dir(run), f"mct distill --experiment {args.experiment}{_seed_flag(args)}")
+    _check_distilled(exp, distilled, args)
     teacher = _need_teacher(params, exp.teacher)
     _need_world_inputs(world)
     rec = evaluate_experiment(world, args.experiment, exp, params.teacher(exp.teacher), samples, distilled,
@@ -273,6 +306,9 @@ _INT = {"type": int, "default": None}
 _TEACHER = {"help": "the teacher file to use instead of params.yaml's (default: runs/teachers/<T>/teacher.pt, as "
                     "`mct teacher` writes it)"}
 _OUT = {"help": "where to write the stage's output (default: its place under runs/, as the DAG expects)"}
+_MISMATCH = {"--allow-settings-mismatch": {
+    "action": "store_true", "help": "go on when the generator's recorded settings (its distill summary.json) differ "
+                                    "from these params (default: stop, naming the keys)"}}
 _RUN_SEED = {"--run-seed": {"type": int, "default": None, "metavar": "K",
                             "help": "one seed of the experiment's `seeds`: distill.seed = K, outputs under E/seedK"}}
 STAGES: list[tuple[str, str, object, dict[str, dict]]] = [
@@ -296,12 +332,12 @@ STAGES: list[tuple[str, str, object, dict[str, dict]]] = [
       "--out": _OUT, "--work": {"help": "resume state (default: runs/work/<run>/; kept across runs, never an output)"},
       "--stop-after": {"type": int, "default": None, "help": argparse.SUPPRESS}}),
     ("sample", "draw one-step samples from a distilled generator", cmd_sample,
-     {**_RUN_SEED, "--experiment": _NAME,
+     {**_RUN_SEED, "--experiment": _NAME, **_MISMATCH,
       "--generator": {"help": "the distilled generator (default: runs/experiments/<run>/distill/generator.pt)"},
       "--out": _OUT, "--num": {**_INT, "help": "samples to draw (default: the experiment's eval.num_samples)"},
       "--seed": {**_INT, "help": "sampling seed (default: the experiment's eval.seed)"}}),
     ("evaluate", "metrics of a distilled experiment", cmd_evaluate,
-     {**_RUN_SEED, "--experiment": _NAME, "--out": _OUT}),
+     {**_RUN_SEED, "--experiment": _NAME, **_MISMATCH, "--out": _OUT}),
     ("report", "tables and figures of a suite into reports/ (the default suite) or reports/suites/<suite>/",
      cmd_report, {"--suite": {"help": "the suite to report (default: params.yaml `suite`)"},
                   "--out": {"help": "the folder to write (default: reports/ for the default suite, "
@@ -334,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointRefused as e:
         print(f"mct {args.command}: refused: {e}", file=sys.stderr)
         return 3
+    except RunMismatch as e:
+        print(f"mct {args.command}: refused: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"mct {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -128,10 +128,20 @@ class SigmaConfig:
 
 
 def _world_kind(v: str) -> str | None:
-    """A kind registered in mct.worlds.registry (torch-free), the built-in ones or a world registered by its module."""
-    from mct.worlds.registry import WORLDS
+    """A kind of mct.worlds.registry: a built-in one, a world registered by its module, an installed package's entry
+    point, or a "module:Class" outside mct, imported here so that a wrong one stops validation (torch-free for mct's
+    own worlds)."""
+    from mct.worlds.registry import BUILTIN, WORLDS, WorldImportError
 
-    return None if v in WORLDS else f"unknown value {v!r}; expected one of {list(WORLDS)}"
+    if v not in WORLDS:
+        return (f"unknown value {v!r}; expected one of {list(WORLDS)}, or a world class of your own as "
+                "'module:Class' (importable: installed, or on PYTHONPATH)")
+    try:
+        if v not in BUILTIN:  # mct's own worlds are known good; import them where they run
+            WORLDS[v]
+    except WorldImportError as err:
+        return str(err)
+    return None
 
 
 @dataclass(frozen=True)
@@ -685,6 +695,13 @@ def _leaf(v: Any) -> Any:
 
 def is_neutral(key: str) -> bool:
     return any(key == n or key.startswith(n + ".") for n in NEUTRAL_KEYS)
+
+
+def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs (a key only one side has shows ``<unset>``)."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys
+            if old.get(k, "<unset>") != new.get(k, "<unset>")]
 
 
 def numeric_settings(exp: ExperimentConfig) -> dict[str, Any]:

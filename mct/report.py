@@ -50,7 +50,15 @@ from mct.report_collect import (
 )
 from mct.report_cost import cost_record, slope_text, speed_text
 from mct.report_cost import cost_table as benchmark_cost_table
-from mct.report_figures import fig_image_samples, fig_k_sweep, fig_noise, fig_speed, fig_toy_samples, image_samples
+from mct.report_figures import (
+    fig_image_samples,
+    fig_k_sweep,
+    fig_noise,
+    fig_points,
+    fig_speed,
+    image_samples,
+    k_sweep_metrics,
+)
 from mct.report_provenance import provenance
 from mct.report_tables import (
     ABLATIONS,
@@ -205,7 +213,7 @@ def _describe(ref: dict[str, Any] | None) -> str:
             f"init {ref['init']}, gamma_eps={ref['gamma_eps']:g}, gamma_z={ref['gamma_z']:g}"
             + (f" ({ref['z_step']} z step)" if ref.get("z_step") else "")
             + f", teacher {ref['teacher']}, {ref['iterations']} iterations, batch {ref['batch_size']}. "
-            + ("The E-step uses the exact analytic score of the true mixture (distill.estep_teacher: analytic), "
+            + ("The E-step uses the world's exact analytic score (distill.estep_teacher: analytic), "
                "not the trained teacher network; the trained teacher is only the student's initialisation and "
                "the speed and quality reference. " if ref.get("estep_teacher") == "analytic" else
                "The E-step uses the trained teacher network's score. ")
@@ -257,14 +265,14 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
             page.p(text)
 
     world = kinds[w]
-    toy = bool(world.exact_metric_keys)  # mode-statistics columns
+    exact = bool(world.exact_metric_keys)  # columns of the metrics the world computes against its true distribution
     ref = reference_setting(we)
     logs = {e.name: read_log(src.log(e.shown_run)) for e in we if e.kind == "experiment"}
     members = {ab.name: ablation_members(ab, ref, we) for ab in ABLATIONS}
     exps = [e for e in we if e.kind == "experiment"]
     floor = noise_floor(world, exps[0].setting["eval_samples"], src.feature_net(w)) if exps else None
     page.h(2, f"World {w} ({world.kind})")
-    main = main_table(w, we, members["K"], toy, kinds[w], floor)
+    main = main_table(w, we, members["K"], exact, kinds[w], floor)
     _put(page, main)
     if world.needs_feature_net and src.feature_net(w).exists():
         from mct.metrics.features import load_feature_net
@@ -281,7 +289,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     page.p(_describe(ref))
     for ab in ABLATIONS:
         if ablation_varied(members[ab.name]):
-            page.table(ablation_table(w, ab, members[ab.name], toy, logs, kinds[w]))
+            page.table(ablation_table(w, ab, members[ab.name], exact, logs, kinds[w]))
         else:  # nothing varied: one line, no table and no files
             page.p(ablation_line(w, ab, members[ab.name], ref, carriers[ab.name]))
         discuss(ab.name)
@@ -297,24 +305,25 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     teachers = [(e.name, params.teacher(e.name)) for e in we if e.kind == "teacher"]
     # Contexts: the caller's matplotlib settings stay as they were.
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
-        fig_k_sweep(w, we, members["K"], toy, figures / f"{w}_k_sweep.png", kinds[w])
+        fig_k_sweep(w, we, members["K"], exact, figures / f"{w}_k_sweep.png", kinds[w])
         fig_noise(w, members["noise"], logs, figures / f"{w}_noise_cancellation.png")
-        if world.sample_figure == "points":
-            fig_toy_samples(world, we, src, figures / f"{w}_samples.png", teachers=teachers)
-            grids = []
-        else:
+        figure_kind, samples_caption, grids = world.figure_kind(), None, []
+        if figure_kind == "points":
+            samples_caption = fig_points(world, we, src, figures / f"{w}_samples.png", teachers=teachers)
+        elif figure_kind == "grid":
             grids = fig_image_samples(w, we, src, figures)
+            samples_caption = f"{w}: samples of each experiment, as image grids"
         if bench_cost is None:  # with the benchmark, the speed-up is its one side-by-side number
             fig_speed(w, we, figures / f"{w}_speed.png")
-    fd = plain_metric_name(metric_name("fid", kinds[w]))
-    page.figure(f"{w}_k_sweep.png", f"{w}: {fd}, recall{', modes covered' if toy else ''} against K "
-                                    "(Diff-Instruct dashed, teacher dotted)")
+    swept = ", ".join(plain_metric_name(metric_name(k, kinds[w])) for k in k_sweep_metrics(kinds[w]))
+    page.figure(f"{w}_k_sweep.png", f"{w}: {swept} against K (Diff-Instruct dashed, teacher dotted)")
     page.figure(f"{w}_noise_cancellation.png", f"{w}: generator gradient norm and loss over training, "
                                                "with and without noise cancellation (running mean)")
-    points = world.sample_figure == "points"
-    page.figure(f"{w}_samples.png", f"{w}: the data, the teacher and each experiment over the true "
-                                    "mixture density" if points else f"{w}: samples of each experiment, "
-                                                                     "as image grids")
+    if samples_caption is not None:
+        page.figure(f"{w}_samples.png", samples_caption)
+    else:
+        page.p(f"{w}: no sample figure: its samples have shape {world.data_shape}, neither a vector (points) nor "
+               "(C, H, W) images (grids); a world may set `sample_figure` to choose one.")
     for name in grids:
         page.figure(name, f"{w}: sample grid {name}")
     if bench_cost is None:
@@ -322,7 +331,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
                                       "samples per second timed by the evaluate stage, machine load not controlled; "
                                       "dashed: the teacher's NFE)")
     page.h(3, "All experiments")
-    _put(page, experiments_table(w, we, toy, kinds[w]))
+    _put(page, experiments_table(w, we, exact, kinds[w]))
     _put(page, settings_table(w, we))
     return {"entries": we, "reference": ref, "k_members": members["K"], "main": main}
 

@@ -36,11 +36,16 @@ def _not_run(ax, text: str = NOT_RUN) -> None:
     ax.set_yticks([])
 
 
-def fig_k_sweep(world: str, entries: Sequence[Entry], k_members, toy: bool, path: Path,
+def k_sweep_metrics(world_def: World | None) -> list[str]:
+    """The metrics the K-sweep figure draws: the world's primary ones (what its claims are judged on)."""
+    return [k for k, _ in world_def.primary_metrics] if world_def is not None else ["fid", "recall"]
+
+
+def fig_k_sweep(world: str, entries: Sequence[Entry], k_members, exact: bool, path: Path,
                 world_def: World | None = None) -> None:
     import seaborn as sns
 
-    keys = ["fid", "recall"] + (["modes_covered"] if toy else [])
+    keys = k_sweep_metrics(world_def)
     metrics = [(k, metric_name(k, world_def)) for k in keys]
     rows = [{"K": k, "metric": label, "value": e.get(key)} for k, group in k_members for e in group
             for key, label in metrics if is_number(e.get(key))]
@@ -127,47 +132,74 @@ def _teacher_points(path: Path, world, tcfg, n: int) -> np.ndarray | None:
     return x.numpy()
 
 
-def fig_toy_samples(world, entries: Sequence[Entry], src: Sources, path: Path, max_points: int = 2000,
-                    teachers: Sequence[tuple[str, Any]] = ()) -> None:
-    """Panels: the data (a fresh draw from the true mixture), each teacher (``teachers``: (name, TeacherConfig),
-    sampled here from its checkpoint), then every experiment, each titled by its name and method."""
+def _extent(dist: Any, points: Sequence[np.ndarray]) -> tuple[float, float]:
+    """The square window of the points figure: a mixture's means padded by its spread, else the central 99% of
+    every panel's points, padded by a tenth."""
+    if dist is not None and hasattr(dist, "means"):
+        means = dist.means.numpy()
+        pad = 0.15 * float(np.ptp(means)) + 5 * dist.std
+        return float(means.min() - pad), float(means.max() + pad)
+    allx = np.concatenate([p[:, :2].ravel() for p in points]) if points else np.array([-1.0, 1.0])
+    lo, hi = np.quantile(allx, [0.005, 0.995])
+    pad = 0.1 * float(hi - lo) + 1e-6
+    return float(lo - pad), float(hi + pad)
+
+
+def fig_points(world, entries: Sequence[Entry], src: Sources, path: Path, max_points: int = 2000,
+               teachers: Sequence[tuple[str, Any]] = ()) -> str:
+    """Panels of a low-dimensional world's samples: the data (a fresh draw, where the world knows its distribution:
+    World.true_distribution), each teacher (``teachers``: (name, TeacherConfig), sampled here from its checkpoint),
+    then every experiment, titled by name and method; a 2-D world's density as contours, a higher-dimensional
+    one's first two coordinates, a 1-D one's histogram. Returns the figure's caption."""
     import torch
 
-    mix = world.mixture
-    means = mix.means.numpy()
-    pad = 0.15 * float(np.ptp(means)) + 5 * mix.std
-    lo, hi = means.min() - pad, means.max() + pad
-    g = np.linspace(lo, hi, 400)
-    gx, gy = np.meshgrid(g, g)
-    grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).float()
-    logp = mix.log_prob(grid).numpy().reshape(gx.shape)
-    levels = np.linspace(max(logp.max() - 10.0, logp.min()), logp.max(), 6)  # top 10 nats: each mode's core
-    panels: list[tuple[str, np.ndarray | None, str]] = [
-        ("data (true mixture)", mix.sample(max_points, torch.Generator().manual_seed(0)).numpy(), "C1")]
+    dist = world.true_distribution()
+    dim = world.data_shape[0]
+    panels: list[tuple[str, np.ndarray | None, str]] = []
+    if dist is not None:
+        panels.append(("data (true distribution)", dist.sample(max_points, torch.Generator().manual_seed(0)).numpy(),
+                       "C1"))
     for name, tcfg in teachers:
         pts = _teacher_points(src.teacher(name), world, tcfg, max_points)
         panels.append((f"teacher {name}\n{heun_nfe(tcfg.sampler_steps)} NFE", pts, "C2"))
     for e in (e for e in entries if e.kind == "experiment"):
         s = _load_samples(src.samples(e.shown_run))
-        panels.append((f"{e.name}\n{_method_label(e)}", None if s is None else s[0], "C0"))
+        panels.append((f"{e.name}\n{_method_label(e)}", None if s is None else s[0].reshape(len(s[0]), -1), "C0"))
+    lo, hi = _extent(dist, [x[:max_points] for _, x, _ in panels if x is not None])
+    contour = None
+    if dist is not None and dim == 2:
+        g = np.linspace(lo, hi, 400)
+        gx, gy = np.meshgrid(g, g)
+        grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).float()
+        logp = dist.log_prob(grid).numpy().reshape(gx.shape)
+        contour = gx, gy, logp, np.linspace(max(logp.max() - 10.0, logp.min()), logp.max(), 6)  # each mode's core
     ncols = min(5, len(panels))
     fig, axes = new_figure(ncols, -(-len(panels) // ncols), size=(2.3, 2.45))
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     for ax, (title, x, color) in zip(axes, panels, strict=False):
-        ax.contourf(gx, gy, logp, levels=levels, cmap="Greys", alpha=0.5)
+        if contour is not None:
+            ax.contourf(*contour, cmap="Greys", alpha=0.5)
         if x is None:
             _not_run(ax, "samples not found")
+        elif dim == 1:
+            ax.hist(x[:max_points, 0], bins=60, range=(lo, hi), color=color, alpha=0.7)
         else:
             x = x[:max_points]
             ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.6, color=color, linewidths=0)
         ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-        ax.set_aspect("equal")
+        if dim > 1:
+            ax.set_ylim(lo, hi)
+            ax.set_aspect("equal")
         ax.tick_params(labelsize=8)
         ax.set_title(title, fontsize=10)
-    fig.suptitle(f"{world.name}: {max_points:,} samples per panel over the true density (grey: top 10 nats)")
+    where = (" over the true density (grey: top 10 nats)" if contour is not None
+             else f", coordinates 1 and 2 of {dim}" if dim > 2 else "")
+    fig.suptitle(f"{world.name}: {max_points:,} samples per panel" + ("\n" if ncols < 3 else "") + where)
     save_figure(fig, path)
+    shown = ("the data, " if dist is not None else "") + "the teacher and each experiment"
+    return (f"{world.name}: {shown}" + (" over the true density" if contour is not None else
+                                        f" (coordinates 1 and 2 of {dim})" if dim > 2 else ""))
 
 
 def _method_label(e: Entry) -> str:

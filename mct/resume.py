@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mct.config import flatten_settings, is_neutral
+from mct.config import flatten_settings, is_neutral, settings_changes
 from mct.io import atomic_path, fsync_dir, load_torch, write_json
 
 FORMAT = "mct-resume-v1"
@@ -207,13 +207,6 @@ def run_settings(experiment: dict[str, Any], teacher_path: Path, student_path: P
 
 def fingerprint_of(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that differs (a key only one side has shows ``<unset>``)."""
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys
-            if old.get(k, "<unset>") != new.get(k, "<unset>")]
 
 
 def _read_settings(work_dir: Path) -> dict[str, Any] | None:

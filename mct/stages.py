@@ -497,7 +497,24 @@ def job_code(params: Params, stage: Stage, name: Any) -> tuple[str, ...]:
         return tuple(sorted({world_module(k) for k in kinds}))
 
     used = modules(params.worlds[w].kind for w in job_worlds(params, stage, name))
-    return code_deps(stage.command, used, modules(w.kind for w in params.worlds.values()))
+    return code_deps(stage.command, used, modules(w.kind for w in params.worlds.values())) + world_files(used)
+
+
+def world_files(modules: tuple[str, ...]) -> tuple[str, ...]:
+    """The source files of world modules outside mct that lie in the project (the working directory), as paths
+    relative to it: a job reruns when its world's own file changes. A world installed elsewhere is not tracked
+    (reinstalling it does not rerun anything: say --forcerun, or keep the module in the project)."""
+    import importlib.util
+
+    out = []
+    for module in modules:
+        if module.split(".")[0] == "mct":
+            continue
+        spec = importlib.util.find_spec(module)
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if origin is not None and origin.is_relative_to(Path.cwd().resolve()):
+            out.append(origin.relative_to(Path.cwd().resolve()).as_posix())
+    return tuple(sorted(out))
 
 
 @cache
@@ -505,7 +522,7 @@ def code_deps(command: str, worlds: tuple[str, ...] = (), checked: tuple[str, ..
     """The mct source files `mct <command>` may run, as repository paths (mct/...), sorted: the import graph of
     its cli function, the whole graph of the world modules ``worlds`` (mct.worlds.toy2d) it runs, and the
     module-level graph of the world modules ``checked`` (params validation imports them). A world module outside
-    mct (a plugin) adds nothing: the engines track mct's files."""
+    mct adds nothing here (:func:`world_files` adds its own file, where it lies in the project)."""
     files = set(_command_deps(command)) | _closure(set(worlds)) | _closure(set(checked), module_level=True)
     return _repo_paths(files)
 

@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mct.config import DistillConfig, ExperimentConfig, LangevinConfig
+from mct.config import DistillConfig, ExperimentConfig, LangevinConfig, numeric_settings
 from mct.diffusion import GuidedDenoiser
 from mct.ema import ema_update
 from mct.emd import ChainExplosionError, EStepResult, antithetic_start, langevin_estep, mstep_loss, score_dsm_loss
@@ -67,6 +67,12 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
             rec.update(track.step(it + 1, run.ema, rec))  # a convergence point when due (its own RNG), tracker line
             _append_log(run, log_file, rec)
             done = it + 1
+            if d.log_every and done % d.log_every == 0:  # the live log (work dir) is readable while the run goes on
+                log_file.flush()
+            if not progress and run.acc.is_main_process and done % max(1, d.iterations // 10) == 0:
+                # no bar under an engine: a line per tenth of the budget in the stage's log instead
+                print(f"distill {exp.method_name}: {done}/{d.iterations} iterations, "
+                      f"{time.perf_counter() - t_run:.1f} s this run, loss_score {rec['loss_score']:.4g}", flush=True)
             if done % d.checkpoint_every == 0 or done == d.iterations:
                 log_file.flush()
                 run.last_good = _checkpoint(run.acc, work_dir, run.last_good, _resume_state(run, done))
@@ -392,6 +398,7 @@ def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[st
         "final_loss_score": _mean_tail([r["loss_score"] for r in records]),
         "final_grad_norm_gen": _mean_tail([r["grad_norm_gen"] for r in records]),
         "langevin": asdict(run.langevin),
+        "settings": numeric_settings(run.exp),  # what sample/evaluate check their params against
     }
     if run.exact_estep is not None:
         summary["exact_estep"] = _exact_estep_checks(run)

@@ -223,3 +223,28 @@ def test_a_missing_input_names_the_command_that_makes_it(capsys, params_file, mo
     err = capsys.readouterr().err
     assert ": missing; it is made by `" + made_by + "`" in err, err
     assert not (params_file.parent / "runs").exists()
+
+
+def test_sample_and_evaluate_refuse_a_generator_of_other_settings(capsys, params_file, monkeypatch):
+    """A hand run distilled with `-S ...iterations=20` and then sampled or evaluated without it would label its
+    record with the params' 30 iterations: both stages stop before any work (exit 2) naming the key, recorded -> now;
+    the same overrides pass, and --allow-settings-mismatch goes on with a warning."""
+    monkeypatch.chdir(params_file.parent)
+    quick = ["--params", str(params_file), "-S", "teachers.toy2d_mlp.iterations=20", "--no-progress"]
+    short = [*quick, "-S", "experiments.tiny_emd.distill.iterations=20"]
+    for argv in (["prepare", "--world", "toy2d"], ["teacher", "--teacher", "toy2d_mlp"],
+                 ["init-student", "--experiment", "tiny_emd"], ["distill", "--experiment", "tiny_emd"]):
+        assert main([*argv, *(short if argv[0] == "distill" else quick)]) == 0, argv
+    capsys.readouterr()
+    samples = Path("runs/experiments/tiny_emd/samples.npz")
+    assert main(["sample", "--experiment", "tiny_emd", "--num", "64", *quick]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "distill.iterations: 20 -> 30" in err and "--allow-settings-mismatch" in err, err
+    assert not samples.exists()
+    assert main(["sample", "--experiment", "tiny_emd", "--num", "64", *short]) == 0
+    assert samples.exists()
+    assert main(["evaluate", "--experiment", "tiny_emd", *quick]) == 2
+    assert "distill.iterations: 20 -> 30" in capsys.readouterr().err
+    assert not Path("reports/experiments/tiny_emd.json").exists()
+    assert main(["sample", "--experiment", "tiny_emd", "--num", "64", "--allow-settings-mismatch", *quick]) == 0
+    assert "going on (--allow-settings-mismatch)" in capsys.readouterr().err

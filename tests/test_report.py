@@ -526,7 +526,7 @@ def test_provenance_is_from_git_not_the_clock(built):
     tiny = prov[prov.run == "tiny_emd"].iloc[0]
     assert (tiny.iterations, tiny.seeds, tiny["% of paper budget"]) == ("30", "0", "0.03")
     assert tiny["wall time from"] == "estimate: sec/iter x iterations"
-    assert "The E-step uses the exact analytic score" in md  # the toy2d reference setting says so
+    assert "The E-step uses the world's exact analytic score" in md  # the toy2d reference setting says so
     assert "NLL (nats) \u2193" in table(root, "toy2d_experiments").columns
 
 

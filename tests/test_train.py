@@ -57,6 +57,29 @@ def test_distill_writes_outputs_and_log(tiny_raw, toy_teacher, tmp_path):
     assert torch.equal(x1, x2) and torch.isfinite(x1).all()
 
 
+def test_the_live_log_is_on_disk_every_log_every_and_progress_lines_go_to_stdout(tiny_raw, toy_teacher, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """A run watched from outside (an engine's stage log, `tail` of the live log) sees it move: with log_every 5
+    and no checkpoint before the end, the work dir's log.jsonl holds every line up to the last multiple of 5 at each
+    iteration; without a progress bar, one line per tenth of the budget goes to stdout (30 iterations: every 3)."""
+    import mct.train as train
+
+    set_dotted(tiny_raw, "templates.toy2d.distill.log_every", 5)
+    set_dotted(tiny_raw, "templates.toy2d.distill.checkpoint_every", 1000)
+    world, exp = _setup(tiny_raw, "tiny_emd", toy_teacher, tmp_path)
+    on_disk, append = [], train._append_log
+
+    def watched(run, log_file, rec):
+        on_disk.append(len(run.log_path.read_text().splitlines()))  # before this iteration's line is written
+        append(run, log_file, rec)
+
+    monkeypatch.setattr(train, "_append_log", watched)
+    distill(world, exp, toy_teacher, tmp_path / "student.pt", tmp_path / "out", tmp_path / "work", progress=False)
+    assert on_disk == [it - it % 5 for it in range(30)]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("distill ")]
+    assert [x.split(": ")[1].split(" ")[0] for x in lines] == [f"{k}/30" for k in range(3, 31, 3)]
+
+
 @pytest.mark.parametrize("name", ["tiny_emd", "tiny_di"])
 def test_resume_after_kill_is_bitwise_identical(tiny_raw, toy_teacher, tmp_path, name):
     """A run stopped at iteration 20 (checkpoint every 10) and resumed ends bitwise where an uninterrupted run ends:

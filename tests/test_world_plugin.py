@@ -1,17 +1,22 @@
-"""Adding a world is one class plus params: a 3-D Gaussian world, defined only in this file, runs the pipeline.
+"""Adding a world is one class plus params, and no edit of mct: a 3-D Gaussian world, defined in a package outside
+mct (tests/plugins/g3world), runs the pipeline.
 
-The class below subclasses mct.worlds.base.World and registers its kind; nothing else in mct learns about it (the
-test checks that its kind appears in no mct source file). A params file then uses ``kind: gauss3d``, and every job
-that the stage table plans for the suite (prepare, teacher, ref-stats, teacher-eval, init-student, distill, sample,
-evaluate) runs through the `mct` command line, as either engine would run it. The world also shows the optional
-answers: an exact denoiser (so the E-step can use ``estep_teacher: analytic``), exact metrics in the evaluation
-record and a training metric whose convergence_auc the evaluate stage reports.
+The class subclasses mct.worlds.base.World; nothing in mct learns about it (the test checks that its names appear
+in no mct source file). A params file names it in one of three ways: ``kind: "g3world:Gauss3D"`` (importable from
+PYTHONPATH), ``kind: gauss3d`` through an installed package's entry point (group ``mct.worlds``), or ``kind:
+gauss3d`` after ``register("gauss3d")`` in code that runs first. Every job that the stage table plans for the suite
+(prepare, teacher, ref-stats, teacher-eval, init-student, distill, sample, evaluate) runs through the `mct` command
+line, as either engine would run it, and Snakemake runs the whole DAG through the report.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,59 +27,14 @@ import yaml
 from mct import paths, stages
 from mct.cli import main as mct_main
 from mct.config import ConfigError, load_params
-from mct.worlds.base import World
 from mct.worlds.registry import WORLDS, register, unregister
 
+PLUGINS = Path(__file__).resolve().parent / "plugins"  # folders outside mct that hold worlds of their own
+sys.path.insert(0, str(PLUGINS))
+from g3world import Gauss3D  # noqa: E402  (importable once its folder is on the path, as a user's module)
+
 KIND = "gauss3d"
-SCALES = (1.0, 2.0, 3.0)  # the Gaussian's standard deviations per axis, in units of cfg.std
-
-
-class Gauss3D(World):
-    """worlds.<name>: {kind: gauss3d, std, seed}: N(0, diag((std * (1, 2, 3))^2)) in R^3, known in closed form."""
-
-    has_analytic_denoiser = True
-    exact_metric_keys = ("mean_error",)
-    convergence_metric = "fd_3d"
-    convergence_panels = ("fd_3d",)
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        return (3,)
-
-    @property
-    def cov(self) -> torch.Tensor:
-        return torch.diag((self.cfg.std * torch.tensor(SCALES)) ** 2)
-
-    @property
-    def sigma_data(self) -> float:
-        return float(self.cov.diagonal().mean().sqrt())
-
-    def _draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.randn(n, 3, generator=gen) * self.cov.diagonal().sqrt()
-
-    def prepare(self, out: Path) -> None:
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        train, test = self._draw(4000, gen), self._draw(1000, gen)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, train_x=train.numpy(), test_x=test.numpy())
-
-    def load_split(self, path: Path, split: str = "train"):
-        with np.load(path) as f:
-            return torch.from_numpy(f[f"{split}_x"]).float(), None
-
-    def analytic_denoiser(self):
-        from mct.worlds.mixture import GaussianDenoiser
-
-        return GaussianDenoiser(torch.zeros(3), self.cov)
-
-    def exact_metrics(self, x: torch.Tensor) -> dict[str, float]:
-        return {"mean_error": float(x.double().mean(0).norm())}
-
-    def training_metric(self):
-        from mct.metrics.frechet import frechet_to_gaussian
-
-        cov = self.cov.double().numpy()
-        return lambda x: {"fd_3d": frechet_to_gaussian(x.double().numpy(), np.zeros(3), cov)}
+SPEC = "g3world:Gauss3D"  # the kind that names the class where it is defined
 
 
 PARAMS = {
@@ -100,17 +60,15 @@ def gauss3d():
 
 
 def test_the_world_is_named_only_where_it_is_defined():
-    """No mct module knows this world: registering it is all it takes (and an unregistered kind is refused)."""
+    """No mct module knows this world: naming it in params is all it takes (and an unregistered kind is refused)."""
     package = Path(__file__).resolve().parents[1] / "mct"
-    assert not [f for f in package.rglob("*.py") if KIND in f.read_text()]
+    assert not [f for f in package.rglob("*.py") if KIND in f.read_text() or "g3world" in f.read_text()]
     assert KIND not in WORLDS
 
 
 def test_world_classes_answer_the_stage_table_without_torch():
     """Snakemake imports the stage table and the params schema for every job: the world classes they consult must
     not import torch (seconds per job), so their modules import it where it runs."""
-    import subprocess
-    import sys
 
     code = ("import sys, mct.stages, mct.config, mct.worlds.registry as r\n"
             "p = mct.config.load_params('params.yaml')\n"
@@ -159,3 +117,76 @@ def test_a_new_world_runs_the_smoke_pipeline_through_the_cli(gauss3d, tmp_path, 
         assert json.loads(str(ref["meta"])) == {"world": "g3", "split": "test", "count": 1000, "features": "identity"}
     teacher = json.loads(paths.teacher_metrics("g3_mlp").read_text())
     assert teacher["nfe"] == 7 and "mean_error" in teacher
+
+
+def spec_params(kind: str = SPEC) -> dict:
+    return {**PARAMS, "worlds": {"g3": {**PARAMS["worlds"]["g3"], "kind": kind}}}
+
+
+def test_a_module_class_kind_needs_no_registration(tmp_path, monkeypatch):
+    """``kind: "module:Class"`` builds the class of that module, with no register() call; the kind is the spec.
+    Its file is a job input where it lies inside the project (the working directory), and not elsewhere."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(spec_params()))
+    params = load_params(tmp_path / "params.yaml")
+    assert WORLDS[SPEC] is Gauss3D and params.worlds["g3"].kind == SPEC
+    monkeypatch.chdir(PLUGINS.parent)
+    assert stages.world_files(("g3world",)) == ("plugins/g3world/__init__.py",)
+    monkeypatch.chdir(tmp_path)
+    assert stages.world_files(("g3world",)) == ()
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("g3world_missing:Gauss3D", "cannot import module 'g3world_missing'.*PYTHONPATH"),
+    ("g3world:Gauss4D", "module 'g3world' has no 'Gauss4D'"),
+    ("g3world:SCALES", "g3world:SCALES is not a World subclass"),
+])
+def test_a_wrong_module_class_kind_is_refused_naming_it(tmp_path, kind, says):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(spec_params(kind)))
+    with pytest.raises(ConfigError, match=rf"worlds\.g3\.kind: world kind '{kind}': {says}"):
+        load_params(tmp_path / "params.yaml")
+    assert kind not in list(WORLDS)  # a wrong name leaves no kind behind
+
+
+def test_an_installed_entry_point_names_the_world(tmp_path, monkeypatch):
+    """A package that declares ``gauss3d = "g3world:Gauss3D"`` under the entry-point group mct.worlds (here its
+    metadata folder, as pip installs it, on the path) makes ``kind: gauss3d`` valid without any import by the user."""
+    dist = tmp_path / "site" / "g3world-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: g3world\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[mct.worlds]\n{KIND} = {SPEC}\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    try:
+        assert KIND in list(WORLDS)
+        params = load_params(tmp_path / "params.yaml")
+        assert params.worlds["g3"].kind == KIND and WORLDS[KIND] is Gauss3D
+    finally:
+        unregister(KIND)
+
+
+def test_a_world_outside_mct_runs_the_whole_dag_through_snakemake_and_the_report(tmp_path):
+    """The user's path: a project (the workflow and mct, as a clone has them) with the world's package in it, a
+    params file that names the class, and `snakemake`: every stage runs, through the report, whose page shows the
+    world's metrics, its exact metric and a points figure of its 3-D samples; the world's own file is a job input,
+    so editing it reruns the jobs of that world."""
+    from tests.test_dag import ENV, scratch_copy
+
+    root = scratch_copy(tmp_path / "project")
+    shutil.copytree(PLUGINS / "g3world", root / "g3world", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(spec_params()))
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(root), ENV.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    page = (root / "reports" / "index.md").read_text()
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert metrics["g3_emd"]["world"] == "g3" and np.isfinite(metrics["g3_emd"]["mean_error"])
+    assert "g3_emd" in page and "mean_error" in page.lower().replace(" ", "_")
+    assert (root / "reports" / "figures" / "g3_samples.png").stat().st_size > 10_000
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--touch"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]
+    (root / "g3world" / "__init__.py").write_text((root / "g3world" / "__init__.py").read_text() + "\n# edited\n")
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "-n"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and "prepare" in dry.stdout and "report" in dry.stdout, dry.stdout[-2000:]

@@ -40,7 +40,7 @@ HEADER = """\
 # pipelines/<experiment>/dvc.yaml (one small dvc.lock per experiment), joined into one graph by DVC.
 #
 #   dvc repro                                       the default suite (params.yaml `suite`) up to its report
-#   dvc exp run -S templates.toy2d.distill.K=16     a variant; `dvc metrics show` / `dvc metrics diff` to compare
+#   dvc exp run -S experiments.toy2d_emd_k16.distill.K=32   a variant of one experiment; `dvc metrics diff`
 #
 # Each stage depends on its input artifacts, on the mct modules its command imports (computed from the import
 # graph) and on the params.yaml sections it reads. Big artifacts (runs/) go to the DVC cache; reports/ is small and
@@ -60,9 +60,12 @@ def dvc_stage(job: stages.Job) -> dict:
     entry = {"cmd": job.command,
              "deps": [p for ps in job.inputs.values() for p in ps] + list(job.code),
              "params": job.params}
-    metrics = [{o: {"cache": False}} for o in in_git if o.endswith(".json")]
+    # the evaluator records are the metrics; the report's metrics.json repeats them all, so it is a plain output
+    # (else `dvc metrics diff` lists every number twice)
+    is_metric = [o.endswith(".json") and job.stage != "report" for o in in_git]
+    metrics = [{o: {"cache": False}} for o, m in zip(in_git, is_metric, strict=True) if m]
     outs = [o for o in job.outputs.values() if o not in in_git]
-    outs += [{o: {"cache": False}} for o in in_git if not o.endswith(".json")]
+    outs += [{o: {"cache": False}} for o, m in zip(in_git, is_metric, strict=True) if not m]
     if metrics:
         entry["metrics"] = metrics
     if outs:

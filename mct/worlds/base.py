@@ -78,7 +78,9 @@ class World(ABC):
     # every other metric is a secondary column. A metric blind to the effect would make a verdict meaningless.
     primary_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("fid", "lower"), ("precision", "higher"),
                                                                 ("recall", "higher"))
-    sample_figure: ClassVar[str] = "grid"  # the report's sample figure: 'points' (a scatter) or 'grid' (images)
+    # the report's sample figure: 'points' (a scatter of the first two coordinates), 'grid' (images) or None: from
+    # data_shape (a vector: points; (C, H, W): a grid; anything else: no figure, and the page says why)
+    sample_figure: ClassVar[str | None] = None
     eval_needs: ClassVar[EvalNeeds] = EvalNeeds()
     # distillation, sampling and evaluation read the prepared data file (text2image: the prompts); other worlds'
     # distillation is data-free, and their evaluation reads only the reference statistics
@@ -192,6 +194,17 @@ class World(ABC):
         raise ValueError(f"world {self.name!r} ({self.kind}) has no analytic denoiser")
 
     # --- evaluation -------------------------------------------------------------------------------------------
+
+    def figure_kind(self) -> str | None:
+        """How the report draws this world's samples: ``sample_figure``, else what ``data_shape`` allows."""
+        if self.sample_figure is not None:
+            return self.sample_figure
+        return {1: "points", 3: "grid"}.get(len(self.data_shape))
+
+    def true_distribution(self) -> Any | None:
+        """The data distribution in closed form, where the world knows it: an object with ``sample(n, generator)``
+        and ``log_prob(x)`` (the report draws the data panel and the density contour from it); None otherwise."""
+        return None
 
     def exact_data_sample(self, n: int, rng: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
         """n exact draws of the data distribution (the exact E-step's x_0), for worlds with ``has_exact_estep``."""

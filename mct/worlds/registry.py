@@ -8,13 +8,21 @@ defined::
     @register("sphere")
     class Sphere(World): ...
 
-and is then valid in params.yaml (``kind: sphere``) and runs through every stage. Torch-free: params validation
-and the stage table look classes up here while Snakemake parses the workflow.
+and is then valid in params.yaml (``kind: sphere``) and runs through every stage. A world defined outside mct needs
+no edit of mct either, in one of two ways:
+
+* ``kind: "mypkg.worlds:Sphere"`` in params.yaml: the class of that importable module (installed, or its folder on
+  PYTHONPATH), imported when the kind is first looked up;
+* an entry point of group ``mct.worlds`` in the package's metadata (``sphere = "mypkg.worlds:Sphere"`` under
+  ``[project.entry-points."mct.worlds"]``): then ``kind: sphere``.
+
+Torch-free: params validation and the stage table look classes up here while Snakemake parses the workflow.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Callable, Iterator, Mapping
 
 from mct.config import WorldConfig
@@ -28,37 +36,84 @@ BUILTIN: dict[str, str] = {
     "imagenet": "mct.worlds.imagenet:ImageNet",
     "text2image": "mct.worlds.text2image:Text2Image",
 }
+ENTRY_POINT_GROUP = "mct.worlds"  # installed packages name their worlds here: kind -> "module:Class"
+
+
+def is_spec(kind: str) -> bool:
+    """Whether a kind is itself a class's "module:Class" (a world outside mct, named where it is defined)."""
+    module, sep, name = kind.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) and name.isidentifier()
+
+
+def _entry_points() -> dict[str, str]:
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _import_class(kind: str, spec: str) -> type[World]:
+    module, _, name = spec.partition(":")
+    try:
+        found = importlib.import_module(module)
+    except ImportError as err:
+        raise WorldImportError(f"world kind {kind!r}: cannot import module {module!r} ({err}); a world outside mct "
+                               "must be importable: install its package, or put the folder that holds it on "
+                               "PYTHONPATH") from err
+    cls = getattr(found, name, None)
+    if cls is None:
+        raise WorldImportError(f"world kind {kind!r}: module {module!r} has no {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, World)):
+        raise WorldImportError(f"world kind {kind!r}: {spec} is not a World subclass (mct.worlds.base.World)")
+    return cls
 
 
 class _Worlds(Mapping[str, type[World]]):
-    """kind -> class. Membership, iteration and len never import; ``WORLDS[kind]`` imports a built-in world's
-    module on first use and caches the class."""
+    """kind -> class. Membership, iteration and len never import a module (they may read installed packages'
+    entry points); ``WORLDS[kind]`` imports the world's module on first use and caches the class."""
 
     def __init__(self, specs: dict[str, str]) -> None:
         self._entries: dict[str, str | type[World]] = dict(specs)
 
     def __getitem__(self, kind: str) -> type[World]:
+        if not self._find(kind):
+            raise KeyError(kind)
         entry = self._entries[kind]
         if isinstance(entry, str):
-            module, _, name = entry.partition(":")
-            cls = getattr(importlib.import_module(module), name)
-            if not (isinstance(cls, type) and issubclass(cls, World)):
-                raise TypeError(f"world kind {kind!r}: {entry} is not a World subclass")
-            cls.kind = kind
+            try:
+                cls = _import_class(kind, entry)
+            except WorldImportError:
+                if kind not in BUILTIN:  # a wrong name is not a kind: it leaves no entry behind
+                    del self._entries[kind]
+                raise
+            if "kind" not in vars(cls):  # a class keeps its first kind (a built-in one named as "module:Class")
+                cls.kind = kind
             self._entries[kind] = entry = cls
         return entry
 
+    def _find(self, kind: object) -> bool:
+        """Known, or found now: a "module:Class" kind is its own spec; another unknown kind may be an installed
+        package's entry point (looked up on first use, never at import)."""
+        if not isinstance(kind, str):
+            return False
+        if kind in self._entries:
+            return True
+        spec = kind if is_spec(kind) else _entry_points().get(kind)
+        if spec is not None:
+            self._entries[kind] = spec
+        return spec is not None
+
     def __contains__(self, kind: object) -> bool:
-        return kind in self._entries
+        return self._find(kind)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        for name, spec in _entry_points().items():  # the kinds a params file may name now, installed ones included
+            self._entries.setdefault(name, spec)
+        return iter(list(self._entries))
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def spec(self, kind: str) -> str:
         """``"module:Class"`` of a kind, without importing it."""
+        self._find(kind)
         entry = self._entries[kind]
         return entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__qualname__}"
 
@@ -74,6 +129,10 @@ class _Worlds(Mapping[str, type[World]]):
 
     def remove(self, kind: str) -> None:
         self._entries.pop(kind, None)
+
+
+class WorldImportError(ValueError):
+    """A world kind names a class that cannot be imported, or that is not a World."""
 
 
 WORLDS = _Worlds(BUILTIN)
@@ -114,4 +173,5 @@ def make_world(name: str, cfg: WorldConfig) -> World:
     return world_class(cfg.kind)(name, cfg)
 
 
-__all__ = ["BUILTIN", "WORLDS", "World", "make_world", "register", "unregister", "world_class", "world_module"]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "WORLDS", "World", "WorldImportError", "is_spec", "make_world", "register",
+           "unregister", "world_class", "world_module"]

@@ -56,6 +56,9 @@ class Toy2D(World):
 
         return grid_mixture(self.cfg.grid, self.cfg.spacing, self.cfg.std, self.cfg.weights)
 
+    def true_distribution(self) -> GaussianMixture:
+        return self.mixture
+
     @property
     def data_shape(self) -> tuple[int, ...]:
         return (2,)
