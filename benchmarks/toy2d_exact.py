@@ -1,6 +1,7 @@
 """The exact E-step as the method's own reference on the toy2d worlds: Diff-Instruct, the short-run EMD-8 and EMD with
-an exact E-step (``distill.estep: exact``, mct.exact_em), over paired seeds, at the template's budget and at the best
-budget of the precision diagnosis (4x iterations with the small-sigma M-step).
+an exact E-step (``distill.estep: exact``, mct.exact_em), over paired seeds, at the template's budget, with the
+small-sigma M-step of the precision diagnosis at that budget, and at that diagnosis's best setting (4x iterations with
+the small-sigma M-step).
 
 Every row is the project's own code path (benchmarks/toy2d_sweep.py's runner: init_student, mct.train.distill,
 20,000 samples scored by the exact mode statistics). Every row, Diff-Instruct and EMD-8 included, is run here against
@@ -34,7 +35,8 @@ DI = SWEEP_SETTINGS["di"]
 EMD8 = SWEEP_SETTINGS["shrink_k8_linear"]  # the toy2d template's E-step
 EXACT = {**DI, "estep": "exact", "exact_control_variate": True}
 EXACT_PLAIN = {**EXACT, "exact_control_variate": False}
-X4 = {"iterations": 6000, "mstep_sigma": SMALL_SIGMA}
+SMALL = {"mstep_sigma": SMALL_SIGMA}
+X4 = {"iterations": 6000, **SMALL}
 # setting -> (budget label, distill overrides)
 SETTINGS: dict[str, tuple[str, dict]] = {
     "di": ("1x", DI),
@@ -42,6 +44,10 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "emd8": ("1x", EMD8),
     "exact": ("1x", EXACT),
     "exact_plain": ("1x", EXACT_PLAIN),
+    # the small-sigma M-step alone, at the template's budget: which of the two factors of '4x + small sigma' it is
+    "di_small_sigma": ("1x + small sigma", {**DI, **SMALL}),
+    "emd8_small_sigma": ("1x + small sigma", {**EMD8, **SMALL}),
+    "exact_small_sigma": ("1x + small sigma", {**EXACT, **SMALL}),
     "di_x4_small_sigma": ("4x + small sigma", {**DI, **X4}),
     "emd8_x4_small_sigma": ("4x + small sigma", {**EMD8, **X4}),
     "exact_x4_small_sigma": ("4x + small sigma", {**EXACT, **X4}),

@@ -34,6 +34,7 @@ ARTIFACT_ROOTS = (paths.RUNS.name, paths.REPORTS.name)
 # committed outputs of the benchmark scripts (not stages) that the report shows: inputs from git, like params.yaml
 SCRIPT_OUTPUTS = {str(d) for d in stages.REPORT_INPUT_BENCHMARKS}  # committed outputs of benchmarks/ scripts
 
+GUARD = runpy.run_path(str(REPO / "workflow" / "dvc_yaml.py"))["GUARD"]  # DVC's stale-pipeline stage (no job)
 
 @dataclass(frozen=True)
 class Stage:
@@ -164,6 +165,8 @@ def dvc_instance(params_file: Path, name: str) -> tuple[str, str | None]:
     """DVC stage name (workflow/dvc_yaml.py's stage_name) -> (stage, instance), through the stage table. DVC
     prefixes the stages of pipelines/<experiment>/dvc.yaml with that file ('pipelines/e/dvc.yaml:distill-e')."""
     name = name.rpartition(":")[2]
+    if name == GUARD:  # DVC's own staleness check: no job of the stage table
+        return name, None
     params = load_params(params_file)
     names = {f"{j.stage}-{j.name.replace('/', '-')}" if j.name else j.stage: (j.stage, j.name)
              for j in stages.jobs(params)}
@@ -180,7 +183,7 @@ def dvc_stages(root: Path) -> dict[tuple[str, str | None], Stage]:
         loaded = list(repo.index.stages)
     outs_of = {o.def_path: st.name for st in loaded for o in st.outs}
     result: dict[tuple[str, str | None], Stage] = {}
-    for st in loaded:
+    for st in (st for st in loaded if st.name != GUARD):
         inputs, code = set(), set()
         for dep in (d.def_path for d in st.deps if not isinstance(d, ParamsDependency)):
             if dep in outs_of or dep in SCRIPT_OUTPUTS:
@@ -231,6 +234,31 @@ def test_dvc_yaml_is_generated_and_up_to_date():
     r = subprocess.run([sys.executable, "workflow/dvc_yaml.py", "--check"], cwd=REPO, env=ENV, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr + "stale: run `python workflow/dvc_yaml.py --write`"
+
+
+def test_a_stale_pipeline_stops_dvc_repro_with_the_command_that_fixes_it(repo_copy):
+    """Setting params.yaml's suite without regenerating the pipeline files: `dvc status` is not 'up to date' and
+    `dvc repro` stops at DVC's check stage, naming `python workflow/dvc_yaml.py --write`; after it, the check passes."""
+    params = repo_copy / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("\nsuite: embedded", "\nsuite: skewed", 1))
+        assert "suite: skewed" in params.read_text()
+        assert GUARD in dvc(repo_copy, "status").stdout
+        r = dvc(repo_copy, "repro", GUARD)
+        assert r.returncode != 0 and "run: python workflow/dvc_yaml.py --write" in r.stdout + r.stderr, r.stdout
+        r = subprocess.run([sys.executable, "workflow/dvc_yaml.py", "--write"], cwd=repo_copy, env=env_for(repo_copy),
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "removed pipelines/toy2d_di/dvc.yaml" in r.stdout, r.stdout + r.stderr
+        r = dvc(repo_copy, "repro", GUARD)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:  # the module's other tests share the copy
+        params.write_text(original)
+        shutil.rmtree(repo_copy / "pipelines")
+        for pipeline in (REPO / "pipelines").glob("*/dvc.yaml"):
+            (repo_copy / pipeline.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(pipeline, repo_copy / pipeline.relative_to(REPO))
+        shutil.copy2(REPO / "dvc.yaml", repo_copy / "dvc.yaml")
 
 
 def test_code_deps_follow_the_import_graph():
@@ -482,14 +510,15 @@ def dvc_changed(root: Path) -> set[tuple[str, str | None]]:
     """Stages `dvc status` reports changed (a dependency modified), as (stage, instance)."""
     r = dvc(root, "status", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    return {dvc_instance(root / "params.yaml", name) for name in json.loads(r.stdout or "{}")}
+    return {dvc_instance(root / "params.yaml", name) for name in json.loads(r.stdout or "{}")} - {(GUARD, None)}
 
 
 def dvc_dry(root: Path) -> set[tuple[str, str | None]]:
     """Stages `dvc repro --dry` would run."""
     r = dvc(root, "repro", "--dry")
     assert r.returncode == 0, r.stdout + r.stderr
-    return {dvc_instance(root / "params.yaml", n) for n in re.findall(r"^Running stage '([^']+)'", r.stdout, re.M)}
+    return {dvc_instance(root / "params.yaml", n)
+            for n in re.findall(r"^Running stage '([^']+)'", r.stdout, re.M)} - {(GUARD, None)}
 
 
 def snakemake_plan(root: Path) -> set:

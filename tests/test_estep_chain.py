@@ -67,7 +67,8 @@ def run(fx: dict[str, Path], out: Path, *extra: str, generator: Path | None = No
                              "--out", str(out), *extra])
 
 
-def test_chain_writes_figure_json_and_starts_at_the_students_own_samples(fixture, tmp_path):
+def test_chain_writes_figure_json_and_starts_at_the_students_own_samples(fixture, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default classifier is runs/features/<world>/ of the working directory: none here
     rec = run(fixture, tmp_path / "a")
     for name in ("estep_chain.png", "estep_chain.json", "estep_chain.npz"):
         assert (tmp_path / "a" / name).stat().st_size > 0, name
