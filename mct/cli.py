@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunMismatch as e:
         print(f"mct {args.command}: refused: {e}", file=sys.stderr)
         return 2
+    except MissingInput as e:  # nothing was started: like bad params, a usage error
+        print(f"mct {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"mct {args.command}: error: {e}", file=sys.stderr)
         return 1

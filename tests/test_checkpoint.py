@@ -33,6 +33,7 @@ from mct.checkpoint import (
     sha256_file,
 )
 from mct.diffusion import EDMPrecond
+from mct.edm_export import Persisted, dump_persisted
 from mct.errors import ChecksumMismatch
 from mct.nets.edm import DhariwalUNet, SongUNet, VPPrecond
 from mct.nets.weights import count_parameters, load_state_strict
@@ -47,49 +48,13 @@ SONG_KW = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], nu
 # --- writing EDM's persisted format -------------------------------------------------------------------
 
 
-class Persisted:
-    """Pickles ``obj`` the way EDM's ``persistent_class.__reduce__`` does: ``_reconstruct_persistent_obj(meta)``."""
-
-    def __init__(self, obj, class_name: str, module_src: str, init_kwargs: dict | None = None) -> None:
-        self.obj, self.class_name, self.module_src, self.init_kwargs = obj, class_name, module_src, init_kwargs
-
-    def __reduce__(self):
-        state = dict(self.obj.__dict__)
-        if "_modules" in state:
-            state["_modules"] = {k: _persist_child(m, self.module_src) for k, m in state["_modules"].items()}
-        state["_init_args"] = ()
-        state["_init_kwargs"] = self.init_kwargs
-        meta = dict(type="class", version=6, module_src=self.module_src, class_name=self.class_name, state=state)
-        reconstruct = sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj
-        return reconstruct, (meta,)
-
-
-def _persist_child(m, src: str):
-    if m is None or isinstance(m, Persisted):
-        return m
-    if isinstance(m, nn.ModuleDict):  # a plain torch container, pickled normally, holding persisted children
-        clone = nn.ModuleDict.__new__(nn.ModuleDict)
-        clone.__dict__.update(m.__dict__)
-        clone.__dict__["_modules"] = {k: _persist_child(v, src) for k, v in m._modules.items()}
-        return clone
-    return Persisted(m, type(m).__name__, src, init_kwargs={})
-
-
 def write_edm_pickle(path, data: dict, monkeypatch, called_marker) -> None:
-    """pickle.dump(data) with a stand-in ``torch_utils.persistence`` registered only while dumping."""
+    """mct.edm_export.dump_persisted, with a reconstruct call that leaves ``called_marker`` if anything runs it."""
 
     def _reconstruct_persistent_obj(meta):  # would only run if a loader used the real reconstruct path
         open(called_marker, "w").close()
 
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "torch_utils", pkg)
-        m.setitem(sys.modules, "torch_utils.persistence", mod)
-        with open(path, "wb") as f:
-            pickle.dump(data, f)
+    dump_persisted(path, data, reconstruct=_reconstruct_persistent_obj)
     assert "torch_utils.persistence" not in sys.modules
 
 

@@ -91,8 +91,9 @@ def test_a_hand_edited_readme_number_is_caught(tmp_path):
 
 
 def test_bring_your_own_teacher_snippet_runs_as_documented(clone):
-    """README's snippet writes a random-weight mct-format teacher; pinned in a params file as README says, `mct
-    teacher` takes it in (checking the pin) and `mct teacher-eval` samples it."""
+    """README's snippets write a random-weight mct-format teacher and a random-weight EDM pickle of CIFAR-10's size;
+    pinned in a params file as README says, `mct teacher` takes each in (checking the pin), `mct teacher-eval`
+    samples the first, and the converted EDM teacher is bitwise the network the pickle holds."""
     import hashlib
 
     import yaml
@@ -117,3 +118,35 @@ def test_bring_your_own_teacher_snippet_runs_as_documented(clone):
         assert r.returncode == 0, (argv, r.stderr[-2000:])
     assert (clone / "runs" / "teachers" / "mine" / "teacher.pt").read_bytes() == (clone / "my_teacher.pt").read_bytes()
     assert json.loads((clone / "reports" / "teachers" / "mine.json").read_text())["modes_total"] == 25
+
+    block = re.search(r"```python\n(\s*# bring your own EDM teacher.*?)```", README, re.S)
+    assert block is not None, "README's EDM-pickle snippet is gone"
+    code = "\n".join(line[2:] if line.startswith("  ") else line for line in block.group(1).splitlines())
+    r = subprocess.run(["python", "-c", code], cwd=clone, env=env_for(clone), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    digest = r.stdout.strip().splitlines()[-1]
+    raw["worlds"]["cifar10"] = {"kind": "imagenet", "resolution": 32, "num_classes": 10, "source": "cifar10.zip"}
+    raw["teachers"]["cifar10_edm"] = {"world": "cifar10", "kind": "fetch", "arch": "edm", "source": "my_edm.pkl",
+                                      "sha256": digest}
+    (clone / "mine.yaml").write_text(yaml.safe_dump(raw))
+    r = subprocess.run(["python", "-m", "mct", "inspect-checkpoint", "my_edm.pkl"], cwd=clone, env=env_for(clone),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "EDMPrecond(SongUNet)" in r.stdout and digest in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(["python", "-m", "mct", "teacher", "--teacher", "cifar10_edm", "--params", "mine.yaml",
+                        "--no-progress"], cwd=clone, env=env_for(clone), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import torch
+
+    from mct.checkpoint import load_edm_pickle
+    from mct.config import load_params
+    from mct.teacher import load_denoiser
+    from mct.worlds.registry import make_world
+
+    world = make_world("cifar10", load_params(clone / "mine.yaml").worlds["cifar10"])
+    converted, _ = load_denoiser(clone / "runs" / "teachers" / "cifar10_edm" / "teacher.pt", world)
+    original = load_edm_pickle(clone / "my_edm.pkl", digest)["ema"]
+    x, sigma = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5, 2.0])
+    labels = torch.nn.functional.one_hot(torch.tensor([3, 7]), 10).float()
+    with torch.no_grad():
+        assert torch.equal(converted(x, sigma, labels), original(x, sigma, labels))  # the same network, bitwise

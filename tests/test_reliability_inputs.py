@@ -219,7 +219,7 @@ def test_a_missing_input_names_the_command_that_makes_it(capsys, params_file, mo
     """On a fresh clone a stage run by hand stops before any work, naming the file and the stage that makes it; it
     leaves no work or output folder behind."""
     monkeypatch.chdir(params_file.parent)
-    assert main([*argv, "--params", str(params_file)]) == 1
+    assert main([*argv, "--params", str(params_file)]) == 2
     err = capsys.readouterr().err
     assert ": missing; it is made by `" + made_by + "`" in err, err
     assert not (params_file.parent / "runs").exists()
