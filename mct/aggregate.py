@@ -53,7 +53,10 @@ def aggregate_records(records: dict[int, dict[str, Any]]) -> dict[str, Any]:
         values = [records[s].get(key) for s in seeds]
         present = [v for v in values if v is not None]
         if key in SETTING_KEYS or not present or not all(_number(v) for v in present):
-            out[key] = present[0] if present else None  # settings, names, flags: the same in every seed
+            distinct = list(dict.fromkeys(json.dumps(v, sort_keys=True) for v in present))
+            # settings, names, flags: the same in every seed; a text that differs (e.g. the code digest) keeps each
+            out[key] = (present[0] if len(distinct) <= 1 or key in SETTING_KEYS
+                        else [json.loads(v) for v in distinct])
             continue
         finite = [v for v in present if math.isfinite(v)]
         st = t_interval(finite)

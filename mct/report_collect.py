@@ -30,7 +30,7 @@ NA = "n/a"  # the run exists but the evaluator left this value null
 EXPERIMENT_KEYS = ("experiment", "world", "method", "K", "nfe", "space", "cancel_noise", "cancel_initial",
                    "init", "gamma_eps", "gamma_z", "iterations", "fid", "precision", "recall",
                    "samples_per_s", "teacher_samples_per_s", "teacher_nfe", "speedup", "speedup_over_nfe",
-                   "sec_per_iter", "sec_per_iter_estep")
+                   "sec_per_iter", "sec_per_iter_estep", "code_sha256")
 TEACHER_KEYS = ("teacher", "world", "method", "K", "nfe", "fid", "precision", "recall", "samples_per_s")
 
 

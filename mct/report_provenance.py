@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -60,6 +61,13 @@ def _versions() -> str:
     return ", ".join([f"python {platform.python_version()}"] + [f"{p} {v(p)}" for p in PROVENANCE_PACKAGES])
 
 
+def _short_digest(value: Any) -> str | None:
+    """A code digest as the table shows it: its first 10 hex digits, each of several seeds' if they differ."""
+    if isinstance(value, list):
+        return " / ".join(v[:10] for v in value if v)
+    return value[:10] if value else None
+
+
 def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[list[str], Table]:
     """Paragraphs (code, machine, packages) and a per-run table (budget, seeds, samples, wall time).
     Nothing here reads the clock: the date is the commit's, so a rebuild of the same inputs is identical."""
@@ -72,7 +80,14 @@ def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[
                + ("; ".join(run_machines) if run_machines else
                   "not recorded in the evaluator records (the tables' timings come from the machine that ran "
                   "each stage)") + ".")
-    paras = [code, machine, f"Packages (report build): {_versions()}."]
+    digests = [e.record.get("code_sha256") for e in entries if e.kind == "experiment" and e.record]
+    versions = {d for v in digests for d in (v if isinstance(v, list) else [v]) if d}
+    unrecorded = sum(not v for v in digests)
+    runs_code = (f"Code of the runs: {len(versions)} version{'s' if len(versions) != 1 else ''} of the distill "
+                 "stage's files (mct.stages.code_sha256, the 'code' column)"
+                 + (f"; {unrecorded} experiment record(s) carry no digest (distilled by an older mct)"
+                    if unrecorded else "") + ".") if digests else None
+    paras = [code, *([runs_code] if runs_code else []), machine, f"Packages (report build): {_versions()}."]
     rows = []
     for e in entries:
         s = e.setting
@@ -81,7 +96,7 @@ def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[
             rows.append({"run": e.name, "kind": "teacher", "world": e.world,
                          "iterations": t.iterations if t.kind == "train" else "fetched",
                          "% of paper budget": None, "seeds": t.seed, "eval samples": None, "eval seed": None,
-                         "distill wall s": None, "wall time from": "-"})
+                         "distill wall s": None, "wall time from": "-", "code": None})
             continue
         summary = read_json(src.summary(e.shown_run))
         if summary and is_number(summary.get("seconds_this_run")):
@@ -96,7 +111,7 @@ def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[
                      "% of paper budget": 100 * s["iterations"] / PAPER_ITERATIONS,
                      "seeds": ", ".join(map(str, seeds)) if isinstance(seeds, list) and seeds else s["seed"],
                      "eval samples": s["eval_samples"], "eval seed": s["eval_seed"], "distill wall s": wall,
-                     "wall time from": how})
+                     "wall time from": how, "code": _short_digest(e.get("code_sha256"))})
     note = (f"'% of paper budget': iterations against the paper's >= {PAPER_ITERATIONS:,} distillation "
             "iterations. seeds: the distillation seeds whose records the report read (one unless several are "
             "listed). Teachers: training iterations. "

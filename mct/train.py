@@ -42,8 +42,9 @@ class DivergenceError(RuntimeError):
 
 def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_path: Path, out_dir: Path,
             work_dir: Path, progress: bool = True, stop_after: int | None = None,
-            accelerator: Accelerator | None = None) -> dict[str, Any]:
+            accelerator: Accelerator | None = None, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) EM distillation; write generator.pt, log.jsonl and summary.json into ``out_dir``.
+    ``provenance`` (e.g. the code's digest) goes into the summary as it is.
 
     ``stop_after`` ends the process-local run after that many total iterations without writing the final outputs,
     as a kill would (used to test resume).
@@ -82,7 +83,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         log_file.close()
         track.close()
         bar.close()
-    return _finish(run, out_dir, track, seconds=time.perf_counter() - t_run)
+    return _finish(run, out_dir, track, seconds=time.perf_counter() - t_run, provenance=provenance or {})
 
 
 # --- building the run --------------------------------------------------------------------------------------
@@ -385,7 +386,8 @@ def _resume_state(run: Run, step: int) -> dict[str, Any]:
             "opt_g": run.opt_g.state_dict(), "opt_s": run.opt_s.state_dict()}
 
 
-def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[str, Any]:
+def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float,
+            provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary; the main process writes generator.pt, log.jsonl, summary.json and the trackers' files into
     ``out_dir`` together, or not at all."""
     acc, d = run.acc, run.d
@@ -399,6 +401,7 @@ def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[st
         "final_grad_norm_gen": _mean_tail([r["grad_norm_gen"] for r in records]),
         "langevin": asdict(run.langevin),
         "settings": numeric_settings(run.exp),  # what sample/evaluate check their params against
+        **(provenance or {}),
     }
     if run.exact_estep is not None:
         summary["exact_estep"] = _exact_estep_checks(run)
