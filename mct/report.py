@@ -251,10 +251,10 @@ def _put(page: Page, t: Table) -> None:
 
 def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src: Sources, figures: Path,
                kinds: dict[str, World], results: Sequence[Any], carriers: dict[str, list[str]],
-               bench_cost: dict[str, Any] | None) -> dict[str, Any]:
-    """The section of world ``w``: main table, ablations, cost, figures, all experiments. ``carriers``: per
-    ablation, the worlds of the report whose table of it is printed; ``bench_cost``: the timing benchmark's record
-    of ``w``, if it ran. Returns what the paper tables need of it
+               bench_cost: dict[str, Any] | None, appendix: Page | None = None) -> dict[str, Any]:
+    """The section of world ``w``: main table, ablations, cost, figures, all experiments (in ``appendix`` when the
+    page has one). ``carriers``: per ablation, the worlds of the report whose table of it is printed;
+    ``bench_cost``: the timing benchmark's record of ``w``, if it ran. Returns what the paper tables need of it
     (its entries, reference setting and K sweep)."""
     import seaborn as sns
 
@@ -330,9 +330,14 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
         page.figure(f"{w}_speed.png", f"{w}: speed-up of each one-step student over the teacher (ratio of "
                                       "samples per second timed by the evaluate stage, machine load not controlled; "
                                       "dashed: the teacher's NFE)")
-    page.h(3, "All experiments")
-    _put(page, experiments_table(w, we, exact, kinds[w]))
-    _put(page, settings_table(w, we))
+    if appendix is not None:
+        page.p(f"Every experiment of {w}, with its metrics and the settings in which they differ: the appendix.")
+        appendix.h(2, f"All experiments: {w}")
+    detail = appendix if appendix is not None else page
+    if appendix is None:
+        page.h(3, "All experiments")
+    _put(detail, experiments_table(w, we, exact, kinds[w]))
+    _put(detail, settings_table(w, we))
     return {"entries": we, "reference": ref, "k_members": members["K"], "main": main}
 
 
@@ -423,35 +428,47 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path,
         we = [e for e in entries if e.world == w]
         members[w] = {ab.name: ablation_members(ab, reference_setting(we), we) for ab in ABLATIONS}
     carriers = {ab.name: [w for w in worlds if ablation_varied(members[w][ab.name])] for ab in ABLATIONS}
+    appendix = None  # the default suite's page has one: the long tables and the benchmarks in full
+    if suite_name == params.suite:
+        appendix = Page(f"Appendix to the report of suite {suite_name}: every experiment, the E-step benchmarks and "
+                        "the paper's numbers in full")
+        appendix.link("Back to the report", "index")
     per_world: dict[str, dict[str, Any]] = {}
     for w in worlds:
-        per_world[w] = _add_world(page, params, w, entries, src, figures, kinds, results, carriers, timed.get(w))
+        per_world[w] = _add_world(page, params, w, entries, src, figures, kinds, results, carriers, timed.get(w),
+                                  appendix)
     # the E-step benchmarks' sections, if they have run
     from mct.report_estep import add_estep_chain, add_estep_fidelity, add_toy2d_sweep
     from mct.report_exact import add_toy2d_exact
     from mct.report_precision import add_toy2d_precision
 
-    appendix = None
     default_page = next((href for label, href in links if label.endswith("(the default suite)")), None)
-    if suite_name == params.suite:  # the benchmarks are the same for every suite: on the default suite's page only
-        appendix = Page(f"Appendix to the report of suite {suite_name}: the E-step benchmarks in full")
-        appendix.link("Back to the report", "index")
+    if appendix is not None:  # the benchmarks are the same for every suite: on the default suite's page only
+        first = len(appendix.blocks)
         bench = src.reports_in / "benchmarks"
         add_estep_fidelity(appendix, bench / "estep_fidelity", figures)
         add_toy2d_sweep(appendix, bench / "toy2d_sweep")
         add_toy2d_precision(appendix, bench / "toy2d_precision")
         add_toy2d_exact(appendix, bench / "toy2d_exact", figures)
         add_estep_chain(appendix, bench / "estep_chain", figures)
-        summarise_appendix(page, appendix)
+        summarise_appendix(page, appendix, first)
     elif default_page is not None:
         page.h(2, "E-step benchmarks")
         page.p("The E-step benchmarks (committed runs on both toy2d worlds) are on the default suite's page and its "
                "appendix, not repeated here:")
         page.link(f"Report of suite {params.suite} (the default suite)", default_page)
-    page.h(2, "Paper-scale results")
     scale = [*paper_tables(params, worlds, per_world), text_to_image_table(params, worlds, per_world)]
-    for t in scale:
-        _put(page, t)
+    page.h(2, "Paper-scale results")
+    if appendix is not None and not any(_has_ours(t) for t in scale):  # nothing of ours to set beside the paper's
+        appendix.h(2, "Paper-scale results")
+        for t in scale:
+            _put(appendix, t)
+        page.p("This suite runs none of the paper's rows (the summary names them); the paper's numbers, other "
+               "methods' and the text-to-image table are in the appendix's last section.")
+        page.link("Appendix: the E-step benchmarks and the paper-scale results", "appendix")
+    else:
+        for t in scale:
+            _put(page, t)
     settings = {e.name: e.setting for e in entries if e.kind == "experiment"}
     answer = summary(results, kinds, worlds, settings)
     # the EMD paper's own rows: what of them this page lacks, and why (the paper table's line, computed)
@@ -472,12 +489,19 @@ def _build(params: Params, suite: str | None, src: Sources, out: Path,
         (out / "appendix.html").write_text(appendix.html(), encoding="utf-8")
 
 
-def summarise_appendix(page: Page, appendix: Page) -> None:
+def _has_ours(table: Table) -> bool:
+    """Whether a paper-scale table has a number of ours in any '(ours)' column."""
+    cols = [c for c in table.frame.columns if "(ours)" in str(c)]
+    return any(v not in (None, "-", NOT_RUN) and not (isinstance(v, float) and v != v)
+               for c in cols for v in table.frame[c])
+
+
+def summarise_appendix(page: Page, appendix: Page, first: int = 0) -> None:
     """The main page's short form of the appendix: one section with, per appendix section, its computed
     paragraphs (all but the first, which says how the benchmark ran) and its figures; the tables and the method
     paragraphs stay in the appendix, which the section links."""
     sections: list[list[tuple]] = []
-    for b in appendix.blocks:
+    for b in appendix.blocks[first:]:  # the benchmarks' blocks, from ``first`` on
         if b[0] == "h" and b[1] == 2:
             sections.append([b])
         elif sections:

@@ -142,7 +142,7 @@ def findings(runs: pd.DataFrame) -> list[str]:
         out.append("Where the exact E-step's students fall short (KL(p_t || q_t) by quadrature on the final "
                    "generator, seed means): " + "; ".join(
                        f"{w} {b} {LABELS.get(_family(s), s)}: {r.kl:.3g} nats at sigma {r.sigma:.2g} (the 1% "
-                       f"quantile of the M-step's sigmas) against {r.kl_mid:.3g} at its median, n = {r.n}; the "
+                       f"quantile of the M-step's sigmas) against {r.kl_mid:.3g} at its median, n = {int(r.n)}; the "
                        f"importance estimate of log q_t sits {r.gap:+.2g} from quadrature there"
                        for (w, b, s), r in by.iterrows()) + ".")
     return out
