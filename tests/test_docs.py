@@ -90,6 +90,18 @@ def test_a_hand_edited_readme_number_is_caught(tmp_path):
     assert tampered != README and mod.render(tampered) == README
 
 
+def run_snippet(clone: Path, first_line: str) -> str:
+    """Run README's python block that starts with ``first_line`` (indented in a list item) in ``clone``; its last
+    printed line (a digest)."""
+    block = re.search(r"```python\n(\s*" + re.escape(first_line) + r".*?)```", README, re.S)
+    assert block is not None, f"README's snippet '{first_line}' is gone"
+    code = "\n".join(line[2:] if line.startswith("  ") else line for line in block.group(1).splitlines())
+    r = subprocess.run(["python", "-c", code], cwd=clone, env=env_for(clone), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
 def test_bring_your_own_teacher_snippet_runs_as_documented(clone):
     """README's snippets write a random-weight mct-format teacher and a random-weight EDM pickle of CIFAR-10's size;
     pinned in a params file as README says, `mct teacher` takes each in (checking the pin), `mct teacher-eval`
@@ -98,13 +110,7 @@ def test_bring_your_own_teacher_snippet_runs_as_documented(clone):
 
     import yaml
 
-    block = re.search(r"```python\n(\s*# bring your own teacher.*?)```", README, re.S)
-    assert block is not None, "README's bring-your-own-teacher snippet is gone"
-    code = "\n".join(line[2:] if line.startswith("  ") else line for line in block.group(1).splitlines())
-    r = subprocess.run(["python", "-c", code], cwd=clone, env=env_for(clone), capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    digest = r.stdout.strip().splitlines()[-1]
+    digest = run_snippet(clone, "# bring your own teacher")
     assert digest == hashlib.sha256((clone / "my_teacher.pt").read_bytes()).hexdigest()
     raw = yaml.safe_load((clone / "params.yaml").read_text())
     raw["teachers"]["mine"] = {"world": "toy2d", "kind": "fetch", "arch": "mlp",
@@ -119,13 +125,7 @@ def test_bring_your_own_teacher_snippet_runs_as_documented(clone):
     assert (clone / "runs" / "teachers" / "mine" / "teacher.pt").read_bytes() == (clone / "my_teacher.pt").read_bytes()
     assert json.loads((clone / "reports" / "teachers" / "mine.json").read_text())["modes_total"] == 25
 
-    block = re.search(r"```python\n(\s*# bring your own EDM teacher.*?)```", README, re.S)
-    assert block is not None, "README's EDM-pickle snippet is gone"
-    code = "\n".join(line[2:] if line.startswith("  ") else line for line in block.group(1).splitlines())
-    r = subprocess.run(["python", "-c", code], cwd=clone, env=env_for(clone), capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    digest = r.stdout.strip().splitlines()[-1]
+    digest = run_snippet(clone, "# bring your own EDM teacher")
     raw["worlds"]["cifar10"] = {"kind": "imagenet", "resolution": 32, "num_classes": 10, "source": "cifar10.zip"}
     raw["teachers"]["cifar10_edm"] = {"world": "cifar10", "kind": "fetch", "arch": "edm", "source": "my_edm.pkl",
                                       "sha256": digest}
