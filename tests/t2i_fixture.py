@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from mct.sd_export import make_tiny_sd
 from tests.clip_fixture import make_tiny_clip
 from tests.inception_fixture import write_inception_standin
-from tests.sd_fixture import make_tiny_sd
 
 WORDS = ("a red cat", "two dogs", "a blue car", "an old tree", "a small boat", "green apples", "a tall tower",
          "the city at night", "a bowl of soup", "a yellow bird")

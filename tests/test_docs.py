@@ -103,9 +103,10 @@ def run_snippet(clone: Path, first_line: str) -> str:
 
 
 def test_bring_your_own_teacher_snippet_runs_as_documented(clone):
-    """README's snippets write a random-weight mct-format teacher and a random-weight EDM pickle of CIFAR-10's size;
-    pinned in a params file as README says, `mct teacher` takes each in (checking the pin), `mct teacher-eval`
-    samples the first, and the converted EDM teacher is bitwise the network the pickle holds."""
+    """README's snippets write a random-weight mct-format teacher, a random-weight EDM pickle of CIFAR-10's size and a
+    tiny diffusers folder; pinned in a params file as README says, `mct teacher` takes the first two in (checking the
+    pin), `mct teacher-eval` samples the first, the converted EDM teacher is bitwise the network the pickle holds,
+    and the folder's printed pins pass the text2image world's check."""
     import hashlib
 
     import yaml
@@ -150,3 +151,12 @@ def test_bring_your_own_teacher_snippet_runs_as_documented(clone):
     labels = torch.nn.functional.one_hot(torch.tensor([3, 7]), 10).float()
     with torch.no_grad():
         assert torch.equal(converted(x, sigma, labels), original(x, sigma, labels))  # the same network, bitwise
+
+    import ast
+
+    from mct.nets.sd import check_sd_folder
+
+    pins = ast.literal_eval(run_snippet(clone, "# bring your own diffusers teacher"))
+    assert set(pins) == {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                         "text_encoder/model.safetensors"}
+    assert check_sd_folder(clone / "my_sd", pins) == pins  # the printed pins are what the world's check accepts

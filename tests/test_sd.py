@@ -22,7 +22,7 @@ from mct.nets.sd import (
     unet_config,
     unet_from_config,
 )
-from tests.sd_fixture import make_tiny_sd
+from mct.sd_export import make_tiny_sd
 
 WEIGHTS = {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
            "text_encoder/model.safetensors"}

@@ -1,4 +1,5 @@
-"""A tiny Stable-Diffusion-like folder, written by the tests (the real SD v1.5 is a 4 GB download).
+"""A tiny random-weight Stable-Diffusion folder, for trying the text-to-image path offline (the real SD v1.5 is a
+4 GB download) and for the tests.
 
 It has the layout and file formats of a diffusers SD v1.5 folder (model_index.json; unet/, vae/, text_encoder/ as
 safetensors; a CLIP byte-level BPE tokenizer; a scaled-linear scheduler), so every loader of :mod:`mct.nets.sd` runs
