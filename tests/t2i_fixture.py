@@ -1,5 +1,5 @@
 """Local inputs of a tiny text-to-image world, made by the tests in the real formats: a random-weight SD folder
-(tests/sd_fixture.py), a captions file, a COCO-format annotations JSON with its image folder, a tiny open_clip model
+(mct/sd_export.py), a captions file, a COCO-format annotations JSON with its image folder, a tiny open_clip model
 (tests/clip_fixture.py) and the Inception stand-in (tests/inception_fixture.py). Nothing is downloaded."""
 
 from __future__ import annotations

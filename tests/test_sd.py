@@ -1,4 +1,4 @@
-"""Stable Diffusion's parts (mct.nets.sd) on a tiny random-weight SD folder (tests/sd_fixture.py), offline."""
+"""Stable Diffusion's parts (mct.nets.sd) on a tiny random-weight SD folder (mct/sd_export.py), offline."""
 
 from __future__ import annotations
 
