@@ -47,7 +47,7 @@ from mct.nets.sd import SD15_UNET_CONFIG, scaled_linear_alpha_bar, sd_denoiser, 
 
 SD15_PARAMETERS = 859_520_964
 TEXT_TOKENS = 77
-# toy-size UNet of the same family (as tests/sd_fixture.py): CPU smoke runs and tests
+# toy-size UNet of the same family (as mct/sd_export.py): CPU smoke runs and tests
 TINY_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64], "layers_per_block": 1,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
