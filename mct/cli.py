@@ -168,7 +168,6 @@ def cmd_init_student(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from mct.stages import code_sha256
     from mct.train import distill
     params = _params(args)
     exp, run = _run(params, args)
@@ -179,8 +178,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     summary = distill(world, exp, teacher, student,
                       Path(args.out or paths.distill_dir(run)),
                       Path(args.work or paths.work_dir(run)),
-                      progress=not args.no_progress, stop_after=args.stop_after,
-                      provenance={"code_sha256": code_sha256(params, "distill", (args.experiment, args.run_seed))})
+                      progress=not args.no_progress, stop_after=args.stop_after)
     print(f"distilled {args.experiment}: {summary}")
     return 0
 

@@ -276,7 +276,7 @@ def evaluate_experiment(world: World, name: str, exp: ExperimentConfig, tcfg: Te
            "samples_per_s": s_sps, "teacher_samples_per_s": t_sps, "teacher_nfe": nfe_t,
            "speedup": s_sps / t_sps, "speedup_over_nfe": s_sps / t_sps / nfe_t,
            "sec_per_iter": summary["sec_per_iter"], "sec_per_iter_estep": summary["sec_per_iter_estep"],
-           "code_sha256": summary.get("code_sha256")}  # the distill job's code (mct.stages.code_sha256)
+           "code_sha256": summary.get("code_sha256")}  # the code distill ran (mct.resume.loaded_code_sha256)
     rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
     write_json(rec, out)
     return rec

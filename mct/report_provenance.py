@@ -84,7 +84,7 @@ def provenance(entries: Sequence[Entry], src: Sources, params: Params) -> tuple[
     versions = {d for v in digests for d in (v if isinstance(v, list) else [v]) if d}
     unrecorded = sum(not v for v in digests)
     runs_code = (f"Code of the runs: {len(versions)} version{'s' if len(versions) != 1 else ''} of the distill "
-                 "stage's files (mct.stages.code_sha256, the 'code' column)"
+                 "run's mct modules (mct.resume.loaded_code_sha256, the 'code' column)"
                  + (f"; {unrecorded} experiment record(s) carry no digest (distilled by an older mct)"
                     if unrecorded else "") + ".") if digests else None
     paras = [code, *([runs_code] if runs_code else []), machine, f"Packages (report build): {_versions()}."]

@@ -198,6 +198,18 @@ def _digest_into(h: Any, obj: Any) -> None:
         h.update(json.dumps(obj, default=str).encode())
 
 
+def loaded_code_sha256(package: str = "mct") -> str:
+    """sha256 over the source of every module of ``package`` this process has imported (name and bytes, in name
+    order): the code that made a run, with or without git, uncommitted edits included. Called at a run's end, when
+    every module it imports lazily has been imported."""
+    h = hashlib.sha256()
+    for name in sorted(m for m in sys.modules if m == package or m.startswith(package + ".")):
+        source = getattr(sys.modules[name], "__file__", None)
+        if source and source.endswith(".py"):
+            h.update(name.encode() + b"\0" + Path(source).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def run_settings(experiment: dict[str, Any], teacher_path: Path, student_path: Path) -> dict[str, Any]:
     """The flat settings a run's numbers depend on: the resolved experiment (``dataclasses.asdict``) without
     :data:`mct.config.NEUTRAL_KEYS`, and the teacher's and student-init file's :func:`file_digest`."""

@@ -500,18 +500,6 @@ def job_code(params: Params, stage: Stage, name: Any) -> tuple[str, ...]:
     return code_deps(stage.command, used, modules(w.kind for w in params.worlds.values())) + world_files(used)
 
 
-def code_sha256(params: Params, stage: str, name: Any) -> str:
-    """sha256 over a job's code (job_code: each file's path and bytes, in order): which code made a run, with or
-    without git, uncommitted edits included. Two runs with equal digests ran the same mct files."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in job_code(params, BY_NAME[stage], name):
-        path = PACKAGE.parent / f if f.split("/")[0] == "mct" else Path(f)
-        h.update(f.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 def world_files(modules: tuple[str, ...]) -> tuple[str, ...]:
     """The source files of world modules outside mct that lie in the project (the working directory), as paths
     relative to it: a job reruns when its world's own file changes. A world installed elsewhere is not tracked

@@ -26,7 +26,7 @@ from mct.ema import ema_update
 from mct.emd import ChainExplosionError, EStepResult, antithetic_start, langevin_estep, mstep_loss, score_dsm_loss
 from mct.exact_em import ExactEStep, marginal_check
 from mct.io import atomic_dir, load_torch, save_torch, write_json
-from mct.resume import load_latest, non_finite, save_state, state_path
+from mct.resume import load_latest, loaded_code_sha256, non_finite, save_state, state_path
 from mct.student import build_generator
 from mct.teacher import load_denoiser
 from mct.tracking import Tracking, accelerator_kwargs
@@ -42,9 +42,8 @@ class DivergenceError(RuntimeError):
 
 def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_path: Path, out_dir: Path,
             work_dir: Path, progress: bool = True, stop_after: int | None = None,
-            accelerator: Accelerator | None = None, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+            accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Run (or resume) EM distillation; write generator.pt, log.jsonl and summary.json into ``out_dir``.
-    ``provenance`` (e.g. the code's digest) goes into the summary as it is.
 
     ``stop_after`` ends the process-local run after that many total iterations without writing the final outputs,
     as a kill would (used to test resume).
@@ -83,7 +82,7 @@ def distill(world: World, exp: ExperimentConfig, teacher_path: Path, student_pat
         log_file.close()
         track.close()
         bar.close()
-    return _finish(run, out_dir, track, seconds=time.perf_counter() - t_run, provenance=provenance or {})
+    return _finish(run, out_dir, track, seconds=time.perf_counter() - t_run)
 
 
 # --- building the run --------------------------------------------------------------------------------------
@@ -386,8 +385,7 @@ def _resume_state(run: Run, step: int) -> dict[str, Any]:
             "opt_g": run.opt_g.state_dict(), "opt_s": run.opt_s.state_dict()}
 
 
-def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float,
-            provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[str, Any]:
     """The summary; the main process writes generator.pt, log.jsonl, summary.json and the trackers' files into
     ``out_dir`` together, or not at all."""
     acc, d = run.acc, run.d
@@ -401,7 +399,7 @@ def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float,
         "final_grad_norm_gen": _mean_tail([r["grad_norm_gen"] for r in records]),
         "langevin": asdict(run.langevin),
         "settings": numeric_settings(run.exp),  # what sample/evaluate check their params against
-        **(provenance or {}),
+        "code_sha256": loaded_code_sha256(),  # the mct code this process ran (evaluate copies it into the record)
     }
     if run.exact_estep is not None:
         summary["exact_estep"] = _exact_estep_checks(run)

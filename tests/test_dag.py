@@ -261,20 +261,6 @@ def test_a_stale_pipeline_stops_dvc_repro_with_the_command_that_fixes_it(repo_co
         shutil.copy2(REPO / "dvc.yaml", repo_copy / "dvc.yaml")
 
 
-def test_a_runs_code_digest_is_its_jobs_code_files():
-    """mct.stages.code_sha256: the digest of a job's code files, path and bytes; the same for two runs of one
-    world's experiments and different for another world's (whose world module differs)."""
-    import hashlib
-
-    p = load_params(REPO / "params.yaml")
-    h = hashlib.sha256()
-    for f in stages.job_code(p, stages.BY_NAME["distill"], ("toy2d_di", 0)):
-        h.update(f.encode() + b"\0" + (REPO / f).read_bytes() + b"\0")
-    assert stages.code_sha256(p, "distill", ("toy2d_di", 0)) == h.hexdigest()
-    assert stages.code_sha256(p, "distill", ("toy2d_emd_k8", 1)) == h.hexdigest()
-    assert stages.code_sha256(p, "distill", ("digits_di", 0)) != h.hexdigest()
-
-
 def test_code_deps_follow_the_import_graph():
     """Each stage's code: cli.py, the modules its cli function imports (also inside helpers it calls), and what
     those import, transitively, module level or inside functions; nothing its command cannot reach."""

@@ -80,6 +80,33 @@ def test_the_live_log_is_on_disk_every_log_every_and_progress_lines_go_to_stdout
     assert [x.split(": ")[1].split(" ")[0] for x in lines] == [f"{k}/30" for k in range(3, 31, 3)]
 
 
+def test_the_code_digest_covers_every_imported_mct_module_and_sees_an_edit(tmp_path, monkeypatch):
+    """mct.resume.loaded_code_sha256: sha256 over (name, source bytes) of the imported mct modules in name order;
+    one more module, or one module's source edited, gives another digest."""
+    import hashlib
+    import sys
+    import types
+    from pathlib import Path
+
+    from mct.resume import loaded_code_sha256
+
+    h = hashlib.sha256()
+    for name in sorted(m for m in sys.modules if m == "mct" or m.startswith("mct.")):
+        f = getattr(sys.modules[name], "__file__", None)
+        if f and f.endswith(".py"):
+            h.update(name.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    before = loaded_code_sha256()
+    assert before == h.hexdigest()
+    extra = tmp_path / "extra.py"
+    extra.write_text("x = 1\n")
+    module = types.ModuleType("mct.zz_extra")
+    module.__file__ = str(extra)
+    monkeypatch.setitem(sys.modules, "mct.zz_extra", module)
+    with_extra = loaded_code_sha256()
+    extra.write_text("x = 2\n")
+    assert len({before, with_extra, loaded_code_sha256()}) == 3
+
+
 @pytest.mark.parametrize("name", ["tiny_emd", "tiny_di"])
 def test_resume_after_kill_is_bitwise_identical(tiny_raw, toy_teacher, tmp_path, name):
     """A run stopped at iteration 20 (checkpoint every 10) and resumed ends bitwise where an uninterrupted run ends:
