@@ -450,12 +450,8 @@ def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
 def experiments_table(world: str, entries: Sequence[Entry], exact: bool, world_def: World | None = None) -> Table:
     rows = []
     for e in (e for e in entries if e.kind == "experiment" and ran(e)):
-        s = e.setting
-        cancel = "injected + initial" if s["cancel_noise"] and s["cancel_initial"] else \
-            "injected only" if s["cancel_noise"] else "none"
+        s = e.setting  # the other settings: the settings table below it (every one in which the rows differ)
         rows.append({"experiment": e.name, "method": s["method"], "K": s["K"],
-                     "space": SPACE_LABELS[s["space"]], "cancellation": cancel, "init": s["init"],
-                     "gamma_eps": s["gamma_eps"], "gamma_z": s["gamma_z"],
                      "iterations": s["iterations"], **_metric_cells(e, exact, world_def),
                      metric_name("samples_per_s", world_def): e.get("samples_per_s"),
                      metric_name("sec_per_iter", world_def): e.get("sec_per_iter")})

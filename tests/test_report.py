@@ -412,16 +412,21 @@ window.addEventListener('load', () => {
   const links = [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')).map(h => ({href: h,
     // an in-page link must name an element of the page
     target: h.startsWith('#') ? !!document.getElementById(h.slice(1)) : null}));
+  // a table whose content is wider than its box would need a scroll bar to be read whole
+  const tables = [...document.querySelectorAll('div.table')].map(d => ({
+    title: (d.previousElementSibling || {}).textContent || '', w: d.querySelector('table').scrollWidth,
+    box: d.clientWidth}));
   const pre = document.createElement('pre');
   pre.id = 'mct-check';
-  pre.textContent = JSON.stringify({imgs, links});
+  pre.textContent = JSON.stringify({imgs, links, tables});
   document.body.appendChild(pre);
 });
 </script>"""
 
 
 def test_html_in_headless_chromium(built, tmp_path):
-    """Open the page in Chromium: every <img> must decode (naturalWidth > 0) and every link must name a file.
+    """Open the page in Chromium: every <img> must decode (naturalWidth > 0), every link must name a file, and in a
+    1400 px window every table is shown whole (none wider than its box, so none needs a scroll bar).
 
     A copy of the page with a checking script and one deliberately broken image (the control) is loaded from
     the report folder, so relative paths resolve as for a reader; the control proves that the check can fail.
@@ -437,7 +442,7 @@ def test_html_in_headless_chromium(built, tmp_path):
     check.write_text(page.replace("</body>", f"{control}\n{CHECK_SCRIPT}\n</body>"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'ud'}", "--window-size=1200,3000"]
+             f"--user-data-dir={tmp_path / 'ud'}", "--window-size=1400,3000"]
     version = subprocess.run([chromium, "--version"], capture_output=True, text=True, timeout=60).stdout
     try:
         t0 = time.perf_counter()
@@ -451,6 +456,9 @@ def test_html_in_headless_chromium(built, tmp_path):
     import html as htmllib
 
     result = json.loads(htmllib.unescape(dom.stdout[start:dom.stdout.index("</pre>", start)]))
+    assert len(result["tables"]) >= 10
+    wide = [(t["title"][:70], t["w"], t["box"]) for t in result["tables"] if t["w"] > t["box"] + 1]
+    assert not wide, wide
     imgs = {i["src"]: i["ok"] for i in result["imgs"]}
     assert imgs.pop("figures/no-such-file.png") is False  # the control image fails to load
     assert len(imgs) >= 9 and all(imgs.values()), [s for s, ok in imgs.items() if not ok]
@@ -472,7 +480,7 @@ def test_html_in_headless_chromium(built, tmp_path):
     import PIL.Image
 
     with PIL.Image.open(shot) as im:
-        assert im.size == (1200, 3000)
+        assert im.size == (1400, 3000)
         colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50  # a rendered page with figures, not a blank sheet
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
