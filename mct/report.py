@@ -266,14 +266,13 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
             page.p(text)
 
     world = kinds[w]
-    exact = bool(world.exact_metric_keys)  # columns of the metrics the world computes against its true distribution
     ref = reference_setting(we)
     logs = {e.name: read_log(src.log(e.shown_run)) for e in we if e.kind == "experiment"}
     members = {ab.name: ablation_members(ab, ref, we) for ab in ABLATIONS}
     exps = [e for e in we if e.kind == "experiment"]
     floor = noise_floor(world, exps[0].setting["eval_samples"], src.feature_net(w)) if exps else None
     page.h(2, f"World {w} ({world.kind})")
-    main = main_table(w, we, members["K"], exact, kinds[w], floor)
+    main = main_table(w, we, members["K"], kinds[w], floor)
     _put(page, main)
     if world.needs_feature_net and src.feature_net(w).exists():
         from mct.metrics.features import load_feature_net
@@ -290,7 +289,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     page.p(_describe(ref))
     for ab in ABLATIONS:
         if ablation_varied(members[ab.name]):
-            page.table(ablation_table(w, ab, members[ab.name], exact, logs, kinds[w]))
+            page.table(ablation_table(w, ab, members[ab.name], logs, kinds[w]))
         else:  # nothing varied: one line, no table and no files
             page.p(ablation_line(w, ab, members[ab.name], ref, carriers[ab.name]))
         discuss(ab.name)
@@ -306,7 +305,7 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     teachers = [(e.name, params.teacher(e.name)) for e in we if e.kind == "teacher"]
     # Contexts: the caller's matplotlib settings stay as they were.
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
-        fig_k_sweep(w, we, members["K"], exact, figures / f"{w}_k_sweep.png", kinds[w])
+        fig_k_sweep(w, we, members["K"], figures / f"{w}_k_sweep.png", kinds[w])
         fig_noise(w, members["noise"], logs, figures / f"{w}_noise_cancellation.png")
         figure_kind, samples_caption, grids = world.figure_kind(), None, []
         if figure_kind == "points":
@@ -334,10 +333,11 @@ def _add_world(page: Page, params: Params, w: str, entries: Sequence[Entry], src
     if appendix is not None:
         page.p(f"Every experiment of {w}, with its metrics and the settings in which they differ: the appendix.")
         appendix.h(2, f"All experiments: {w}")
-    detail = appendix if appendix is not None else page
-    if appendix is None:
+        detail = appendix
+    else:
         page.h(3, "All experiments")
-    _put(detail, experiments_table(w, we, exact, kinds[w]))
+        detail = page
+    _put(detail, experiments_table(w, we, kinds[w]))
     _put(detail, settings_table(w, we))
     return {"entries": we, "reference": ref, "k_members": members["K"], "main": main}
 

@@ -41,7 +41,7 @@ def k_sweep_metrics(world_def: World | None) -> list[str]:
     return [k for k, _ in world_def.primary_metrics] if world_def is not None else ["fid", "recall"]
 
 
-def fig_k_sweep(world: str, entries: Sequence[Entry], k_members, exact: bool, path: Path,
+def fig_k_sweep(world: str, entries: Sequence[Entry], k_members, path: Path,
                 world_def: World | None = None) -> None:
     import seaborn as sns
 

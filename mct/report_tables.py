@@ -137,14 +137,14 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def _metric_cells(entry: Entry | None, exact: bool, world_def: World | None = None) -> dict[str, Any]:
-    """The quality columns of a row, headed by metric_name (``world_def``: the world; ``exact``: add the metrics it
-    computes against its true distribution, World.exact_metric_keys, in its order)."""
+def _metric_cells(entry: Entry | None, world_def: World | None = None) -> dict[str, Any]:
+    """The quality columns of a row, headed by metric_name (``world_def``: the world, whose metrics against its true
+    distribution, World.exact_metric_keys, follow in its order)."""
     get = (lambda k: NOT_RUN) if entry is None else (lambda k: with_interval(entry, k, entry.get(k)))
     cells = {metric_name(k, world_def): get(k) for k in ("fid", "precision", "recall")}
     for k in world_def.conditional_metric_keys if world_def is not None else ():  # text2image: CLIP score
         cells[metric_name(k, world_def)] = get(k)
-    for k in world_def.exact_metric_keys if exact and world_def is not None else ():
+    for k in world_def.exact_metric_keys if world_def is not None else ():
         if k == "modes_total":  # shown as the denominator of modes covered
             continue
         covered, total = get(k), get("modes_total")
@@ -358,13 +358,13 @@ SEEDED_NOTE = (" A run over several seeds shows the seed mean and its 95% Studen
                "modes), where the t-interval of a few seeds left it.")
 
 
-def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]], exact: bool,
+def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry]]],
                    logs: dict[str, pd.DataFrame | None], world_def: World | None = None) -> Table:
     """One row per experiment with metrics at each level; the levels without one are named under the table."""
     rows = []
     for label, group in members:
         for e in (e for e in group if ran(e)):
-            row = {ab.column: label, "experiment": e.name, **_metric_cells(e, exact, world_def)}
+            row = {ab.column: label, "experiment": e.name, **_metric_cells(e, world_def)}
             if ab.name == "noise":
                 row["grad norm"] = _tail_mean(logs.get(e.name), "grad_norm_gen")
             rows.append(row)
@@ -376,18 +376,18 @@ def ablation_table(world: str, ab: Ablation, members: list[tuple[Any, list[Entry
 
 
 def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]],
-               exact: bool, world_def: World | None = None, floor: dict[str, Any] | None = None) -> Table:
+               world_def: World | None = None, floor: dict[str, Any] | None = None) -> Table:
     """Teacher, Diff-Instruct and EMD-K rows; ``floor`` (noise_floor's record) adds the real-vs-real row."""
     rows, missing = [], []
 
     def add(method: str, e: Entry, nfe: Any) -> None:
-        rows.append({"method": method, "experiment": e.name, "NFE": nfe, **_metric_cells(e, exact, world_def),
+        rows.append({"method": method, "experiment": e.name, "NFE": nfe, **_metric_cells(e, world_def),
                      metric_name("samples_per_s", world_def): e.get("samples_per_s")})
 
     if floor is not None:
         rec = Entry("-", "floor", world, {}, floor)
         rows.append({"method": "Real data: training vs held-out split (noise floor)", "experiment": "-",
-                     "NFE": "-", **_metric_cells(rec, exact, world_def),
+                     "NFE": "-", **_metric_cells(rec, world_def),
                      metric_name("samples_per_s", world_def): "-"})
 
     for t in (e for e in entries if e.kind == "teacher"):
@@ -447,16 +447,16 @@ def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
                  not_run_line(missing))
 
 
-def experiments_table(world: str, entries: Sequence[Entry], exact: bool, world_def: World | None = None) -> Table:
+def experiments_table(world: str, entries: Sequence[Entry], world_def: World | None = None) -> Table:
     rows = []
     for e in (e for e in entries if e.kind == "experiment" and ran(e)):
         s = e.setting  # the other settings: the settings table below it (every one in which the rows differ)
         rows.append({"experiment": e.name, "method": s["method"], "K": s["K"],
-                     "iterations": s["iterations"], **_metric_cells(e, exact, world_def),
+                     "iterations": s["iterations"], **_metric_cells(e, world_def),
                      metric_name("samples_per_s", world_def): e.get("samples_per_s"),
                      metric_name("sec_per_iter", world_def): e.get("sec_per_iter")})
     note = ("NLL: -mean log p(x) of the samples under the true mixture, in nats."
-            if exact and world_def is not None and "nll" in world_def.exact_metric_keys else "")
+            if world_def is not None and "nll" in world_def.exact_metric_keys else "")
     missing = [_not_run_label(e.name) for e in entries if e.kind == "experiment" and not ran(e)]
     return Table(f"{world}_experiments", f"{world}: every experiment of the suite with metrics",
                  pd.DataFrame(rows, dtype=object), note, not_run_line(missing, "in the suite, no metrics"))

@@ -503,7 +503,8 @@ def job_code(params: Params, stage: Stage, name: Any) -> tuple[str, ...]:
 def world_files(modules: tuple[str, ...]) -> tuple[str, ...]:
     """The source files of world modules outside mct that lie in the project (the working directory), as paths
     relative to it: a job reruns when its world's own file changes. A world installed elsewhere is not tracked
-    (reinstalling it does not rerun anything: say --forcerun, or keep the module in the project)."""
+    (reinstalling it reruns nothing: `snakemake --forceall` or `dvc repro --force`, or keep the module in the
+    project)."""
     import importlib.util
 
     out = []

@@ -48,7 +48,7 @@ SONG_KW = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], nu
 # --- writing EDM's persisted format -------------------------------------------------------------------
 
 
-def write_edm_pickle(path, data: dict, monkeypatch, called_marker) -> None:
+def write_edm_pickle(path, data: dict, called_marker) -> None:
     """mct.edm_export.dump_persisted, with a reconstruct call that leaves ``called_marker`` if anything runs it."""
 
     def _reconstruct_persistent_obj(meta):  # would only run if a loader used the real reconstruct path
@@ -81,7 +81,7 @@ def _src(marker) -> str:
 
 
 @pytest.fixture
-def adm_pickle(tmp_path, monkeypatch, markers):
+def adm_pickle(tmp_path, markers):
     torch.manual_seed(0)
     unet = _randomize(DhariwalUNet(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, **ADM_KW))
     net = EDMPrecond(unet, sigma_data=0.5, label_dim=10)
@@ -96,7 +96,7 @@ def adm_pickle(tmp_path, monkeypatch, markers):
     data = dict(ema=ema, loss_fn=Persisted(EDMLoss(), "EDMLoss", src, init_kwargs={}), augment_pipe=None,
                 dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="x.zip", use_labels=True))
     path = tmp_path / "edm-tiny.pkl"
-    write_edm_pickle(path, data, monkeypatch, markers["called"])
+    write_edm_pickle(path, data, markers["called"])
     return path, net
 
 
@@ -129,7 +129,7 @@ def test_edm_pickle_round_trips_into_our_networks(adm_pickle, markers):
     assert "open(" in loaded["loss_fn"].module_src  # kept as text only
 
 
-def test_vp_song_unet_record_rebuilt_from_precond_kwargs(tmp_path, monkeypatch, markers):
+def test_vp_song_unet_record_rebuilt_from_precond_kwargs(tmp_path, markers):
     """VPPrecond(SongUNet) whose inner record lacks init kwargs: rebuilt from the preconditioner's kwargs."""
     torch.manual_seed(1)
     unet = _randomize(SongUNet(img_resolution=16, in_channels=3, out_channels=3, label_dim=10,
@@ -143,7 +143,7 @@ def test_vp_song_unet_record_rebuilt_from_precond_kwargs(tmp_path, monkeypatch, 
     state["_modules"] = dict(model=model)
     rec.obj = types.SimpleNamespace(**state)
     path = tmp_path / "vp.pkl"
-    write_edm_pickle(path, dict(ema=rec), monkeypatch, markers["called"])
+    write_edm_pickle(path, dict(ema=rec), markers["called"])
     ema = load_edm_pickle(path)["ema"]
     assert isinstance(ema, VPPrecond) and isinstance(ema.model, SongUNet)
     x, sigma, labels = _inputs()
@@ -171,7 +171,7 @@ def _payloads(marker):
 
 
 @pytest.mark.parametrize("name", ["os.system", "builtins.exec", "builtins.eval", "subprocess.Popen"])
-def test_code_carrying_pickles_are_refused_and_nothing_runs(tmp_path, monkeypatch, name):
+def test_code_carrying_pickles_are_refused_and_nothing_runs(tmp_path, name):
     marker = tmp_path / "pwned"
     payload = _payloads(marker)[name]
     refused = []
@@ -179,7 +179,7 @@ def test_code_carrying_pickles_are_refused_and_nothing_runs(tmp_path, monkeypatc
     holder = types.SimpleNamespace(_modules={}, _parameters={}, _buffers={}, sigma_data=payload)
     for i, data in enumerate([payload, dict(ema=Persisted(holder, "EDMPrecond", "", init_kwargs={}))]):
         path = tmp_path / f"evil{i}.pkl"
-        write_edm_pickle(path, data, monkeypatch, tmp_path / "called")
+        write_edm_pickle(path, data, tmp_path / "called")
         for load in (load_edm_pickle, inspect_checkpoint):
             with pytest.raises(UnsafeCheckpointError) as e:
                 load(path)
@@ -228,7 +228,7 @@ def test_strict_loading_names_what_does_not_fit():
     assert torch.equal(net[0].bias, good["0.bias"] + 1)
 
 
-def test_edm_pickle_for_another_architecture_is_rejected(tmp_path, monkeypatch, markers):
+def test_edm_pickle_for_another_architecture_is_rejected(tmp_path, markers):
     """The recorded kwargs say model_channels=16; a state from a wider net must not load silently."""
     torch.manual_seed(0)
     wide = DhariwalUNet(img_resolution=16, in_channels=3, out_channels=3, label_dim=10,
@@ -239,7 +239,7 @@ def test_edm_pickle_for_another_architecture_is_rejected(tmp_path, monkeypatch, 
     state["_modules"] = dict(model=Persisted(wide, "DhariwalUNet", "", init_kwargs=kw))
     rec = Persisted(types.SimpleNamespace(**state), "EDMPrecond", "", init_kwargs={})
     path = tmp_path / "mismatch.pkl"
-    write_edm_pickle(path, dict(ema=rec), monkeypatch, markers["called"])
+    write_edm_pickle(path, dict(ema=rec), markers["called"])
     expected = r"shape mismatch: model\.dec\.16x16_block0\.affine\.bias: \(48,\) vs \(32,\)"
     with pytest.raises(CheckpointError, match=expected):
         load_edm_pickle(path)

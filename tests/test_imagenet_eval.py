@@ -71,7 +71,7 @@ def _archive_features(zip_path) -> np.ndarray:
 def test_imagenet_world_stages_end_to_end(tmp_path, monkeypatch, inception):
     _imagefolder(tmp_path / "train")
     teacher = tmp_path / "edm-tiny.pkl"
-    _tiny_edm_pickle(teacher, monkeypatch, tmp_path, label_dim=3)
+    _tiny_edm_pickle(teacher, tmp_path, label_dim=3)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

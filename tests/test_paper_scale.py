@@ -16,7 +16,7 @@ from mct.nets.edm import DhariwalUNet
 from tests.test_checkpoint import ADM_KW, EDMLoss, Persisted, _randomize, _src, write_edm_pickle
 
 
-def _tiny_edm_pickle(path, monkeypatch, marker_dir, label_dim: int = 10):
+def _tiny_edm_pickle(path, marker_dir, label_dim: int = 10):
     torch.manual_seed(0)
     kw = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=label_dim, **ADM_KW)
     unet = _randomize(DhariwalUNet(**kw))
@@ -29,7 +29,7 @@ def _tiny_edm_pickle(path, monkeypatch, marker_dir, label_dim: int = 10):
     state["_modules"] = dict(model=Persisted(unet, "DhariwalUNet", src, init_kwargs=kw))
     ema.obj = types.SimpleNamespace(**state)
     write_edm_pickle(path, dict(ema=ema, loss_fn=Persisted(EDMLoss(), "EDMLoss", src, init_kwargs={})),
-                     monkeypatch, marker_dir / "reconstruct_called")
+                     marker_dir / "reconstruct_called")
     return net
 
 
@@ -47,7 +47,7 @@ def _params(source, sha) -> dict:
 
 def test_edm_teacher_fetch_init_and_distill(tmp_path, monkeypatch):
     src = tmp_path / "edm-tiny.pkl"
-    net = _tiny_edm_pickle(src, monkeypatch, tmp_path)
+    net = _tiny_edm_pickle(src, tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -76,7 +76,7 @@ def test_edm_teacher_fetch_init_and_distill(tmp_path, monkeypatch):
 
 def test_wrong_pin_is_refused_and_nothing_is_left(tmp_path, monkeypatch, capsys):
     src = tmp_path / "edm-tiny.pkl"
-    _tiny_edm_pickle(src, monkeypatch, tmp_path)
+    _tiny_edm_pickle(src, tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -90,7 +90,7 @@ def test_wrong_pin_is_refused_and_nothing_is_left(tmp_path, monkeypatch, capsys)
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path, monkeypatch):
     """Two iterations with EDM blocks recomputed in backward equal two without (deterministic CPU kernels)."""
     src = tmp_path / "edm-tiny.pkl"
-    _tiny_edm_pickle(src, monkeypatch, tmp_path)
+    _tiny_edm_pickle(src, tmp_path)
     out = {}
     for flag in (False, True):
         work = tmp_path / f"work{flag}"
@@ -117,11 +117,11 @@ class _Smuggler:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_inspect_checkpoint_cli_shows_and_refuses(tmp_path, monkeypatch, capsys):
+def test_inspect_checkpoint_cli_shows_and_refuses(tmp_path, capsys):
     import pickle
 
     good = tmp_path / "edm-tiny.pkl"
-    _tiny_edm_pickle(good, monkeypatch, tmp_path)
+    _tiny_edm_pickle(good, tmp_path)
     assert main(["inspect-checkpoint", str(good)]) == 0
     shown = capsys.readouterr().out
     assert sha256_file(good) in shown and "DhariwalUNet" in shown

@@ -263,7 +263,7 @@ def test_ablation_line_and_rows_from_entries():
     noise = next(ab for ab in rt.ABLATIONS if ab.name == "noise")
     members = report.ablation_members(noise, ref, es)
     assert not rt.ablation_varied(members)
-    t = rt.ablation_table("w", noise, members, False, {})
+    t = rt.ablation_table("w", noise, members, {})
     assert list(t.frame.experiment) == ["ref"] and list(t.frame["grad norm"]) == ["no log"]
     assert t.missing == ("Not run in this suite: none (none: no metrics), injected only (the paper's other "
                          "cancellation settings).")
