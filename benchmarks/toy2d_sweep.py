@@ -99,7 +99,7 @@ def run_one(params, world_name: str, setting: str, seed: int, iterations: int | 
 
 
 def exact_check_fields(summary: dict) -> dict:
-    """The exact E-step's record at the smallest sigma checked (train._exact_estep_checks): the estimate's mean gap to
+    """The exact E-step's record at the smallest sigma checked (mct.methods.EMDExact.record): the estimate's mean gap to
     quadrature and the quadrature's own resolution gap; nothing for a Langevin run."""
     checks = summary.get("exact_estep", {}).get("checks", [])
     if not checks:

@@ -320,7 +320,7 @@ _DIGITS = (("digits_emd_k4", "digits_di"), ("digits_emd_k4_curvature", "digits_d
 
 # Judged on each primary metric of the world (World.primary_metrics): toy2d's exact mode statistics and NLL,
 # digits' FD, precision and recall in the classifier's features. FD (2-D) and toy2d's k-NN recall are secondary.
-CLAIMS: tuple[Claim, ...] = (
+_EMD_CLAIMS: tuple[Claim, ...] = (
     Claim("emd_beats_di", "EMD-K beats Diff-Instruct (mode covering, sample quality)", PRIMARY, "",
           {"toy2d": ("toy2d_emd_k8", "toy2d_di"), "toy2d_skewed": _SKEWED, "digits": _DIGITS},
           paper=(PAPER + ": abstract (read) and Section 5's one-step results tables on ImageNet 64x64 and 128x128 "
@@ -360,6 +360,27 @@ CLAIMS: tuple[Claim, ...] = (
                          "experiment comparing the two was located in the paper (unverified)")),
 )
 
+# EMD among its peers (mct.methods): the same loop, teacher, generator initialisation and iterations, paired seeds
+_PEERS_SID = {"toy2d": ("toy2d_emd_k8", "toy2d_sid"), "toy2d_skewed": ("toy2d_skewed_emd_k8", "toy2d_skewed_sid"),
+              "digits": ("digits_emd_k4", "digits_sid")}
+_PEERS_DMD2 = {"toy2d": ("toy2d_emd_k8", "toy2d_dmd2"), "toy2d_skewed": ("toy2d_skewed_emd_k8", "toy2d_skewed_dmd2"),
+               "digits": ("digits_emd_k4", "digits_dmd2")}
+PEER_CLAIMS: tuple[Claim, ...] = (
+    Claim("emd_beats_sid", "EMD-K beats SiD at equal iterations", PRIMARY, "", _PEERS_SID,
+          paper=(PAPER + " compares with SiD only through numbers other papers measured (ImageNet 64x64 table, "
+                         "secondary summary); SiD: Zhou et al., ICML 2024")),
+    Claim("emd_beats_dmd2", "EMD-K beats DMD2 at equal iterations", PRIMARY, "", _PEERS_DMD2,
+          paper=(PAPER + " compares with DMD2 only through numbers other papers measured (secondary summary); DMD2: "
+                         "Yin et al., NeurIPS 2024")),
+    Claim("sid_beats_di", "SiD beats Diff-Instruct at equal iterations", PRIMARY, "",
+          {"toy2d": ("toy2d_sid", "toy2d_di"), "toy2d_skewed": ("toy2d_skewed_sid", "toy2d_skewed_di"),
+           "digits": ("digits_sid", "digits_di")},
+          paper="Zhou et al., ICML 2024 (SiD): its one-step FIDs against Diff-Instruct's, as its tables quote them "
+                "(unverified here)"),
+)
+
+CLAIMS: tuple[Claim, ...] = _EMD_CLAIMS + PEER_CLAIMS
+
 # True by construction (an E-step of K Langevin steps costs K network passes): fitted and shown, never a claim.
 MEASUREMENTS: tuple[Claim, ...] = (
     Claim("cost_linear", "Training cost per iteration grows about linearly in K", "sec_per_iter", "higher",
@@ -368,6 +389,6 @@ MEASUREMENTS: tuple[Claim, ...] = (
                          "(secondary summary; table number not verified)")),
 )
 
-__all__ = ["Claim", "Result", "CLAIMS", "MEASUREMENTS", "PRIMARY", "COVERAGE_CAVEAT", "CONFIDENCE", "LINEAR_R2",
-           "VERDICTS", "t_interval", "t_test_p", "holm_adjust", "holm", "verdict", "per_seed_effects",
+__all__ = ["Claim", "Result", "CLAIMS", "PEER_CLAIMS", "MEASUREMENTS", "PRIMARY", "COVERAGE_CAVEAT", "CONFIDENCE",
+           "LINEAR_R2", "VERDICTS", "t_interval", "t_test_p", "holm_adjust", "holm", "verdict", "per_seed_effects",
            "evaluate_claim", "evaluate_claims", "not_judged", "effect_text", "effect_unit"]

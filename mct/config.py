@@ -299,6 +299,13 @@ class DistillConfig(LangevinConfig):
     # exact_defensive: the prior's share of the proposal; exact_control_variate: subtract the same objective on the
     # student's own samples (zero expected gradient, less variance).
     estep: Literal["langevin", "exact"] = "langevin"
+    # The distillation method (mct.methods): 'emd' (the E-step above and the M-step), or a peer in the same loop:
+    # 'sid' (mct.sid; sid_alpha is its alpha, 1.2 in the paper) or 'dmd2' (mct.dmd2; its two time-scale rule is
+    # score_steps, 5 in the paper). normalize_gradient: SiD's and DMD2's per-sample division by the teacher's
+    # denoising error on the generator's sample (as their authors' code does).
+    method: Literal["emd", "sid", "dmd2"] = "emd"
+    sid_alpha: float = 1.2
+    normalize_gradient: bool = True
     exact_grid: int = field(default=64, metadata=_check(_at_most(1024)))
     exact_draws: int = field(default=16, metadata=_check(_at_most(4096)))
     exact_defensive: float = field(default=0.1, metadata=_check(_open_unit_interval))
@@ -367,7 +374,7 @@ class ExperimentConfig:
     world: str
     teacher: str
     template: str = ""
-    method: Literal["emd", "diff_instruct"] | None = None
+    method: Literal["emd", "diff_instruct", "sid", "dmd2"] | None = None  # the report's label (default: method_name)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -377,10 +384,13 @@ class ExperimentConfig:
 
     @property
     def method_name(self) -> str:
-        """'diff_instruct' for the K=1, gamma_z=0 corner with cancellation (docs/method.md), else 'emd'."""
+        """``distill.method`` for a peer (sid, dmd2); for EMD 'diff_instruct' at the K=1, gamma_z=0 corner with
+        cancellation (docs/method.md), else 'emd'."""
         if self.method is not None:
             return self.method
         d = self.distill
+        if d.method != "emd":
+            return d.method
         return "diff_instruct" if (d.K == 1 and (d.gamma_z == 0 or d.space in ("eps", "x")) and d.cancel_noise) \
             else "emd"
 
@@ -645,7 +655,11 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
             raise ConfigError(f"{key}.distill.{problem}")
         if cfg.distill.batch_size % cfg.distill.grad_accum:
             raise ConfigError(f"{key}.distill.grad_accum: must divide batch_size ({cfg.distill.batch_size})")
-        if cfg.distill.antithetic and (cfg.distill.batch_size // cfg.distill.grad_accum) % 2:
+        if cfg.distill.method != "emd" and cfg.distill.estep != "langevin":
+            raise ConfigError(f"{key}.distill.estep: {cfg.distill.estep!r} is an E-step of method 'emd'; method "
+                              f"{cfg.distill.method!r} has no E-step (leave estep at 'langevin')")
+        d = cfg.distill
+        if d.method == "emd" and d.antithetic and (d.batch_size // d.grad_accum) % 2:
             raise ConfigError(f"{key}.distill.batch_size: antithetic noise cancellation pairs chains, so each "
                               f"micro-batch (batch_size / grad_accum) must be even")
         if cfg.distill.estep == "exact" and not world_class(worlds[cfg.world].kind).has_exact_estep:
@@ -704,10 +718,30 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if old.get(k, "<unset>") != new.get(k, "<unset>")]
 
 
+# distill keys that only some methods read (mct.methods): a run's settings leave out the keys its method does not
+# read, since they cannot change its numbers (an SiD run's K, an EMD run's sid_alpha)
+_EMD_KEYS = (*(f.name for f in dataclasses.fields(LangevinConfig)), "estep", "exact_grid", "exact_draws",
+             "exact_defensive", "exact_control_variate", "mstep_weight")
+METHOD_KEYS: dict[str, tuple[str, ...]] = {"emd": _EMD_KEYS, "sid": ("sid_alpha", "normalize_gradient"),
+                                           "dmd2": ("normalize_gradient",)}
+
+
+def method_settings(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat experiment settings without the method-only keys of the methods the run does not use; without
+    ``distill.method`` itself for 'emd', the method of every run made before there was a choice (so their
+    fingerprints and records stay valid)."""
+    method = flat.get("distill.method", "emd")
+    unused = {f"distill.{k}" for m, keys in METHOD_KEYS.items() for k in keys} - {
+        f"distill.{k}" for k in METHOD_KEYS.get(method, ())}
+    if method == "emd":
+        unused.add("distill.method")
+    return {k: v for k, v in flat.items() if k not in unused}
+
+
 def numeric_settings(exp: ExperimentConfig) -> dict[str, Any]:
     """An experiment's resolved settings that can change its numbers, flat (``{"distill.lr_g": 0.001, ...}``):
     what the resume fingerprint hashes (with the input files) and what the report's one-factor ablations compare."""
-    return {k: v for k, v in flatten_settings(dataclasses.asdict(exp)).items() if not is_neutral(k)}
+    return method_settings({k: v for k, v in flatten_settings(dataclasses.asdict(exp)).items() if not is_neutral(k)})
 
 
 def _lookup(node: Any, parts: list[str]) -> bool:

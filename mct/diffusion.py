@@ -249,3 +249,11 @@ def edm_heun_sample(denoiser: Denoiser, latents: Tensor, labels: Tensor | None =
         x = x_next
     assert nfe == heun_nfe(num_steps)
     return x.float(), nfe
+
+
+def mean_abs_residual(x0: Tensor, denoised: Tensor, floor: float = 1e-5) -> Tensor:
+    """Per sample, mean |x0 - D(x_t)| over the data dimensions, broadcastable to x0, without gradient: the
+    normalisation DMD, DMD2 and SiD divide their generator gradients by (the teacher's denoising error on the
+    generator's own sample), floored as SiD's code floors it."""
+    with torch.no_grad():
+        return (x0 - denoised).abs().flatten(1).mean(1).clamp_min(floor).reshape(-1, *([1] * (x0.ndim - 1)))

@@ -104,6 +104,10 @@ def measurements_table(results: Sequence[Any], kinds: dict[str, World]) -> Table
 
 
 SUMMARY_CLAIM = "emd_beats_di"  # the claim the page's answer is about
+# the paired comparisons with the peers (mct.claims.PEER_CLAIMS) that the answer adds where a suite runs them:
+# claim -> (A's name, B's name), A the side the claim says is better
+PEER_SUMMARY = {"emd_beats_sid": ("EMD", "SiD"), "emd_beats_dmd2": ("EMD", "DMD2"),
+                "sid_beats_di": ("SiD", "Diff-Instruct")}
 
 
 def _metric_list(rs: Sequence[Any], kinds: dict[str, World]) -> str:
@@ -123,29 +127,39 @@ def summary(results: Sequence[Any], kinds: dict[str, World], worlds: Sequence[st
         mine = [r for r in results if r.world == w and r.claim.key == SUMMARY_CLAIM and r.n > 0]
         if not mine:
             out.append(f"{w}: no comparison of EMD with Diff-Instruct in this suite.")
-            continue
-        for pair in dict.fromkeys(r.compared for r in mine):
-            rs = [r for r in mine if r.compared == pair]
-            a, b = pair
-            k = settings.get(a, {}).get("K")
-            won = [plain_metric_name(metric_name(r.metric, kinds[w])) for r in rs if r.verdict_holm == "reproduced"]
-            lost = [plain_metric_name(metric_name(r.metric, kinds[w])) for r in rs
-                    if r.verdict_holm == "contradicted"]
-            raw_won = sum(r.verdict == "reproduced" for r in rs)
-            raw_lost = sum(r.verdict == "contradicted" for r in rs)
-            n = sorted({r.n for r in rs})
-            answer = ("yes, better on " + ", ".join(won) if won and not lost else
-                      "mixed: better on " + ", ".join(won) + ", worse on " + ", ".join(lost) if won else
-                      "no, worse on " + ", ".join(lost) if lost else
-                      "not shown: no primary metric differs beyond its interval")
-            text = (f"{w}: does EMD-{k} ({a}) beat Diff-Instruct ({b})? {answer.capitalize()}, after Holm "
-                    f"correction over the page's {m} tests ({len(rs)} primary metrics, {'/'.join(map(str, n))} "
-                    f"paired seeds). Without the correction: better on {raw_won} and worse on {raw_lost} of "
-                    f"{len(rs)}. EMD - Diff-Instruct, mean [95% t-interval]: {_metric_list(rs, kinds)}.")
-            caveats = [f"{r.metric}: {r.caveat}" for r in rs if r.caveat]
-            if caveats:
-                text += " " + "; ".join(caveats) + "."
-            out.append(text)
+        out += _answers(mine, kinds[w], w, m, settings, ("EMD", "Diff-Instruct"))
+        for key, names in PEER_SUMMARY.items():
+            out += _answers([r for r in results if r.world == w and r.claim.key == key and r.n > 0], kinds[w], w,
+                            m, settings, names)
+    return out
+
+
+def _answers(mine: Sequence[Any], world_def: World, w: str, m: int, settings: dict[str, dict[str, Any]],
+             names: tuple[str, str]) -> list[str]:
+    """One paragraph per compared pair of one paired claim: is A better than B on the world's primary metrics."""
+    out = []
+    for pair in dict.fromkeys(r.compared for r in mine):
+        rs = [r for r in mine if r.compared == pair]
+        a, b = pair
+        label_a = f"EMD-{settings.get(a, {}).get('K')}" if names[0] == "EMD" else names[0]
+        won = [plain_metric_name(metric_name(r.metric, world_def)) for r in rs if r.verdict_holm == "reproduced"]
+        lost = [plain_metric_name(metric_name(r.metric, world_def)) for r in rs
+                if r.verdict_holm == "contradicted"]
+        raw_won = sum(r.verdict == "reproduced" for r in rs)
+        raw_lost = sum(r.verdict == "contradicted" for r in rs)
+        n = sorted({r.n for r in rs})
+        answer = ("yes, better on " + ", ".join(won) if won and not lost else
+                  "mixed: better on " + ", ".join(won) + ", worse on " + ", ".join(lost) if won else
+                  "no, worse on " + ", ".join(lost) if lost else
+                  "not shown: no primary metric differs beyond its interval")
+        text = (f"{w}: does {label_a} ({a}) beat {names[1]} ({b})? {answer.capitalize()}, after Holm "
+                f"correction over the page's {m} tests ({len(rs)} primary metrics, {'/'.join(map(str, n))} "
+                f"paired seeds). Without the correction: better on {raw_won} and worse on {raw_lost} of "
+                f"{len(rs)}. {names[0]} - {names[1]}, mean [95% t-interval]: {_metric_list(rs, {w: world_def})}.")
+        caveats = [f"{r.metric}: {r.caveat}" for r in rs if r.caveat]
+        if caveats:
+            text += " " + "; ".join(caveats) + "."
+        out.append(text)
     return out
 
 

@@ -401,6 +401,8 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
         add("Diff-Instruct (K=1)", e, 1)
     if not any(ran(e) for e in dis):
         missing.append(_not_run_label("Diff-Instruct (K=1)", dis))
+    for e in (e for e in entries if e.kind == "experiment" and e.setting["method"] in PEER_LABELS and ran(e)):
+        add(peer_label(e), e, 1)
     emd = [(k, e) for k, group in k_members for e in group if ran(e)]
     for k, e in emd:
         add(f"EMD-{k}", e, 1)
@@ -410,11 +412,27 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
         missing.append("EMD-K")
     note = ("EMD-K rows: the world's reference EMD setting at each K that the suite runs; 'mean [lo, hi]' as in the "
             "summary's table.")
+    if any(e.kind == "experiment" and e.setting["method"] in PEER_LABELS for e in entries):
+        note += (" SiD and DMD2 rows: the peers in the same loop (mct.methods), with the same teacher, generator "
+                 "initialisation, fake-score training and iterations; the settings in which they differ are in the "
+                 "settings table.")
     if floor is not None:
         note += (f" Noise floor: {floor['count']:,} training-split points against the held-out reference set "
                  "through the same metrics; no model can be told apart from the data below it.")
     return Table(f"{world}_main", f"{world}: one-step students against the teacher",
                  pd.DataFrame(rows, dtype=object), note, not_run_line(missing))
+
+
+# The peers that distill.method runs in EMD's loop (mct.methods), as the main table names them.
+PEER_LABELS = {"sid": "SiD", "dmd2": "DMD2"}
+
+
+def peer_label(e: Entry) -> str:
+    """'SiD (alpha=1.2)', 'DMD2 (5 fake-score steps per generator step)': the method and its own key."""
+    s = e.setting.get("settings", {})
+    if e.setting["method"] == "sid":
+        return f"SiD (alpha={s.get('distill.sid_alpha', 1.2):g})"
+    return f"DMD2 ({s.get('distill.score_steps', 1)} fake-score steps per generator step)"
 
 
 def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]]) -> Table:

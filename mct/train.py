@@ -1,4 +1,7 @@
-"""The distillation loop: score-network DSM steps, then one EM generator step, on accelerate.
+"""The distillation loop: score-network DSM steps, then one generator step of the chosen method, on accelerate.
+
+The method (``distill.method``: EMD, SiD, DMD2; mct.methods) turns a drawn micro-batch into the generator's loss;
+the loop knows none by name.
 
 State (models, optimisers, EMA, RNG, step) is checkpointed atomically every ``checkpoint_every`` iterations, and a
 restarted run resumes from it, so a run killed at iteration N ends where an uninterrupted run ends (bitwise on CPU).
@@ -23,9 +26,9 @@ from tqdm.auto import tqdm
 from mct.config import DistillConfig, ExperimentConfig, LangevinConfig, numeric_settings
 from mct.diffusion import GuidedDenoiser
 from mct.ema import ema_update
-from mct.emd import ChainExplosionError, EStepResult, antithetic_start, langevin_estep, mstep_loss, score_dsm_loss
-from mct.exact_em import ExactEStep, marginal_check
+from mct.emd import ChainExplosionError, EStepResult, score_dsm_loss
 from mct.io import atomic_dir, load_torch, save_torch, write_json
+from mct.methods import Method, Networks, build_method
 from mct.resume import load_latest, loaded_code_sha256, non_finite, save_state, state_path
 from mct.student import build_generator
 from mct.teacher import load_denoiser
@@ -117,7 +120,11 @@ class Run:
     start: int  # iterations already done (resumed)
     log_lines: list[str]  # one JSON line per iteration done; the main process's are the run's log
     last_good: Path | None  # the newest checkpoint written, named when the run diverges
-    exact_estep: ExactEStep | None = None  # distill.estep: exact (mct.exact_em) in place of the Langevin chain
+    method: Method  # the generator step of distill.method (mct.methods)
+
+    @property
+    def nets(self) -> Networks:
+        return Networks(self.gen_p, self.gen_raw, self.estep_teacher, self.estep_score, self.world)
 
     @property
     def d(self) -> DistillConfig:
@@ -142,6 +149,7 @@ def _start_run(world: World, exp: ExperimentConfig, teacher_path: Path, student_
                accelerator: Accelerator | None) -> Run:
     """Teacher, student networks, EMA, optimisers and RNG, resumed from this run's newest state if there is one."""
     d = exp.distill
+    method = build_method(world, d)  # a method the world cannot run stops here, before any work
     acc = accelerator or _accelerator(d, work_dir)
     if acc.num_processes != d.num_processes:  # e.g. a launcher that started one process where N were asked for
         raise RuntimeError(f"distill.num_processes is {d.num_processes} but {acc.num_processes} process(es) started; "
@@ -166,19 +174,7 @@ def _start_run(world: World, exp: ExperimentConfig, teacher_path: Path, student_
                    if d.guide_score_net and d.guidance_scale != 1.0 else score_raw)
     return Run(world, exp, acc, work_dir, fingerprint, student, gen_p, score_p, gen_raw, score_raw, ema, opt_g,
                opt_s, rng, estep_teacher, estep_score, d.langevin(), d.dsm_sigma.build(), d.mstep_sigma.build(),
-               start, log_lines, last_good, _exact_estep(world, d))
-
-
-def _exact_estep(world: World, d: DistillConfig) -> ExactEStep | None:
-    """The exact E-step of ``distill.estep: exact``, checked against the world before any work (config validation
-    checks it too, for params.yaml; this is for settings built in code)."""
-    if d.estep != "exact":
-        return None
-    if not world.has_exact_estep or world.data_shape != (2,) or world.label_dim:
-        raise ValueError(f"distill.estep: 'exact' needs an unconditional world with a 2-D latent and exact data "
-                         f"samples (World.has_exact_estep); world {world.name!r} is not one")
-    return ExactEStep(grid=d.exact_grid, draws=d.exact_draws, defensive=d.exact_defensive,
-                      control_variate=d.exact_control_variate, weight=d.mstep_weight)
+               start, log_lines, last_good, method)
 
 
 def _accelerator(d: DistillConfig, work_dir: Path) -> Accelerator:
@@ -284,51 +280,36 @@ class GeneratorStep:
     loss: Tensor
     grad_norm: float
     z0: Tensor
-    chain: EStepResult | None  # None with the exact E-step, which has no chain
+    chain: EStepResult | None  # None where the method has no chain (the exact E-step, SiD, DMD2)
     t_estep: float
     health: dict[str, float]  # the last micro-batch's E-step health (chain moves, or the exact E-step's ESS)
 
 
 def _generator_phase(run: Run, it: int, loss_s: Tensor) -> GeneratorStep:
-    """One EM step of the generator: per micro-batch, the E-step's Langevin chain from (z0, eps0) to posterior
-    samples (z, eps~), then the M-step's regression of g(z) onto them; one optimiser step and the EMA update.
+    """One generator step: per micro-batch, the method's loss (for EMD the E-step's chain from (z0, eps0) to
+    posterior samples, then the M-step's regression of g(z) onto them) and its backward; one optimiser step and the
+    EMA update.
 
     A chain that explodes, or a non-finite loss or gradient norm, stops the run (DivergenceError) before the step."""
     acc, rng, device, d = run.acc, run.rng, run.device, run.d
     shape, accum, micro = run.world.data_shape, d.grad_accum, run.micro
+    nets = run.nets
     run.opt_g.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=device)
     t_estep = 0.0
     for _ in range(accum):
-        te = time.perf_counter()
         z0 = torch.randn((micro, *shape), generator=rng, device=device)
         eps0 = torch.randn((micro, *shape), generator=rng, device=device)
         labels = run.world.draw_labels(micro, rng, device)
         sigma = run.m_sigma.sample(micro, rng, device)
-        if run.exact_estep is not None:
-            res = None
-            with acc.autocast():
-                exact = _exact_estep_step(run, z0, eps0, sigma, labels)
-            part, health = exact.loss / accum, exact.health()
-            t_estep += time.perf_counter() - te  # the exact E-step and its M-step are one backward: timed as E-step
-            acc.backward(part)
-            loss += part.detach()
-            continue
-        if run.langevin.antithetic:
-            z0, eps0, sigma, labels = antithetic_start(z0, eps0, sigma, labels)
         try:
-            with acc.autocast():  # bf16/fp16 network passes when asked; the chain state stays fp32
-                res = langevin_estep(run.gen_raw, run.estep_teacher, run.estep_score, z0, eps0, sigma, labels,
-                                     run.langevin, rng)
+            step = run.method(nets, z0, eps0, sigma, labels, rng, acc.autocast)
         except ChainExplosionError as e:
             raise DivergenceError(f"distillation diverged at iteration {it}: {e} {_last_good(run.last_good)}") from e
-        _sync(device)
-        t_estep += time.perf_counter() - te
-        with acc.autocast():
-            part = mstep_loss(run.gen_p, res.z, res.eps_tilde, sigma, labels, d.mstep_weight) / accum
+        t_estep += step.estep_seconds
+        part = step.loss / accum
         acc.backward(part)
         loss += part.detach()
-        health = res.health()
     grad_norm = _grad_norm(acc, run.gen_p.parameters(), d.grad_clip)
     if not (math.isfinite(loss.item()) and math.isfinite(loss_s.item()) and math.isfinite(grad_norm)):
         raise DivergenceError(
@@ -336,18 +317,8 @@ def _generator_phase(run: Run, it: int, loss_s: Tensor) -> GeneratorStep:
             f"grad_norm_g={grad_norm}; {_last_good(run.last_good)}")
     run.opt_g.step()
     ema_update(run.ema, run.gen_raw, d.ema_decay)
-    return GeneratorStep(loss, grad_norm, z0, res, t_estep, health)
+    return GeneratorStep(loss, grad_norm, step.z0, step.chain, t_estep, step.health)
 
-
-def _exact_estep_step(run: Run, z0: Tensor, eps0: Tensor, sigma: Tensor, labels: Tensor | None):
-    """The exact E-step's objective on one micro-batch: x_t = x_0 + sigma n with x_0 an exact data draw, and (for
-    the control variate) the student's own x'_t = g(z0) + sigma eps0 at the same sigmas."""
-    x0 = run.world.exact_data_sample(z0.shape[0], run.rng, run.device)
-    noise = torch.randn(x0.shape, generator=run.rng, device=run.device)
-    x_t = x0 + sigma[:, None] * noise
-    with torch.no_grad():
-        student_x_t = run.gen_raw(z0, labels) + sigma[:, None] * eps0
-    return run.exact_estep(run.gen_p, x_t, sigma, labels, student_x_t, run.rng)
 
 def _record(it: int, score: ScoreStep, gen: GeneratorStep, t0: float, t1: float, t3: float) -> dict[str, Any]:
     """One iteration's log line: losses, gradient norms, the last chain's size and health, and phase times
@@ -401,8 +372,7 @@ def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[st
         "settings": numeric_settings(run.exp),  # what sample/evaluate check their params against
         "code_sha256": loaded_code_sha256(),  # the mct code this process ran (evaluate copies it into the record)
     }
-    if run.exact_estep is not None:
-        summary["exact_estep"] = _exact_estep_checks(run)
+    summary.update(run.method.record(run.nets, run.m_sigma, run.device))  # e.g. the exact E-step's checks
     if acc.is_main_process:
         with atomic_dir(out_dir) as tmp:
             save_torch({"format": "mct-generator-v1", "spec": run.student["spec"],
@@ -412,24 +382,6 @@ def _finish(run: Run, out_dir: Path, track: Tracking, seconds: float) -> dict[st
             write_json(summary, tmp / "summary.json")
             track.finish(tmp, records)  # convergence.jsonl, dvclive/ (or the chosen tracker's files)
     return summary
-
-
-def _exact_estep_checks(run: Run, quantiles: tuple[float, ...] = (0.01, 0.5), n: int = 512) -> dict[str, Any]:
-    """The exact E-step's settings and its estimate of log q_t against quadrature (mct.exact_em.marginal_check) on
-    the final generator, at the 1% quantile of the M-step's sigmas (the smallest it trained on, bar 1%) and at
-    their median: the grid's error bound and the estimate's gap, for the run's record."""
-    rng = torch.Generator(device=run.device).manual_seed(20_240_527)
-    sigmas = run.m_sigma.sample(100_000, rng, run.device)
-    est = run.exact_estep
-    checks = []
-    for q in quantiles:
-        sigma = float(torch.quantile(sigmas.double().cpu(), q))
-        x_t = run.world.exact_data_sample(n, rng, run.device).double()
-        x_t = x_t + sigma * torch.randn(x_t.shape, generator=rng, device=run.device, dtype=torch.float64)
-        log_p = run.world.exact_log_prob(x_t, sigma)
-        checks.append({"quantile": q, **marginal_check(run.gen_raw, est, x_t, sigma, rng, log_p)})
-    return {"grid": est.grid, "half_width": est.half_width, "draws": est.draws, "defensive": est.defensive,
-            "control_variate": est.control_variate, "checks": checks}
 
 
 def _grad_norm(acc: Accelerator, params, max_norm: float) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mct.config import load_params, parse_params
+from mct.config import METHOD_KEYS, load_params, parse_params
 from mct.report_collect import Entry, experiment_setting
 from mct.report_tables import (
     ABLATIONS,
@@ -26,6 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 PARAMS = load_params(REPO / "params.yaml")
 DI_DEFINITION = {"distill.K", "distill.gamma_z"}  # Diff-Instruct is EMD with one E-step and no z move
+EMD_ONLY = {f"distill.{k}" for k in METHOD_KEYS["emd"]}  # absent from a peer's settings
+PEER_OWN = {"distill.method"} | {f"distill.{k}" for m in ("sid", "dmd2") for k in METHOD_KEYS[m]}
+# the peers' other keys, each documented in params.yaml: DMD2's two time-scale rule, SiD's lr_g tuned on toy2d
+PEER_DOCUMENTED = {"distill.score_steps", "distill.lr_g"}
 
 
 def _entries(params, suite: str, world: str) -> list[Entry]:
@@ -44,8 +48,10 @@ def test_every_ablation_row_of_params_yaml_changes_one_factor(suite, world):
         return  # no EMD experiment: no ablation
     assert outside_every_ablation(entries, ref) == {}
     for e in entries:
-        if e.setting["method"] != "emd":
+        if e.setting["method"] == "diff_instruct":
             assert set(differs_from_reference(e.setting, ref)) <= DI_DEFINITION, e.name
+        elif e.setting["method"] != "emd":  # a peer: the E-step's keys gone, its own keys, and what params.yaml says
+            assert set(differs_from_reference(e.setting, ref)) - EMD_ONLY - PEER_OWN <= PEER_DOCUMENTED, e.name
 
 
 def test_a_row_that_changes_two_factors_is_in_no_ablation_table(tiny_raw):

@@ -436,6 +436,23 @@ def test_paper_scale_suite_plans_the_same_dag_in_both_engines(tmp_path, suite, e
     assert_same_dag(smk, dvc_stages(root))
     assert ("distill", experiment) in smk and ("ref_stats", suite) in smk
     assert smk[("distill", experiment)].command.startswith("accelerate launch --multi_gpu --num_processes 8")
+    if suite == "imagenet64":  # the peers' paper-scale rows run in the same loop, on the same launcher
+        for peer in ("imagenet64_sid", "imagenet64_dmd2"):
+            assert smk[("distill", peer)].command.startswith("accelerate launch --multi_gpu --num_processes 8")
+
+
+@pytest.mark.parametrize(("suite", "peers"), [("methods", ("toy2d_sid", "toy2d_dmd2", "toy2d_skewed_sid")),
+                                               ("methods_digits", ("digits_sid", "digits_dmd2"))])
+def test_methods_suites_plan_the_same_dag_in_both_engines(tmp_path, suite, peers):
+    """SiD and DMD2 are experiments like any other: both engines plan the same jobs for the methods suites, each
+    peer seed with its own distill stage (`mct distill`, which picks the method from distill.method)."""
+    root = scratch_copy(tmp_path / "repo")
+    set_params(root, lambda raw: raw.update(suite=suite))
+    smk = parse_dry_run(dry_run(root))
+    assert_same_dag(smk, dvc_stages(root))
+    for peer in peers:
+        assert ("distill", f"{peer}/seed0") in smk and ("evaluate", f"{peer}/seed2") in smk
+        assert smk[("distill", f"{peer}/seed0")].command.startswith(f"mct distill --experiment {peer} --run-seed 0")
 
 
 # --- seeds ---------------------------------------------------------------------------------------------------

@@ -259,16 +259,16 @@ def test_non_finite_weights_are_never_checkpointed(setup, tmp_path, monkeypatch,
 def test_divergence_names_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
     """A loss that turns NaN at iteration 3 (after the state of step 2): the stop names that state, which holds only
     finite tensors and from which a rerun resumes."""
-    from mct import train
+    from mct import methods
 
-    real, calls = train.mstep_loss, []
+    real, calls = methods.mstep_loss, []
 
     def nan_from_iteration_3(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) > 3 else loss
 
-    monkeypatch.setattr(train, "mstep_loss", nan_from_iteration_3)
+    monkeypatch.setattr(methods, "mstep_loss", nan_from_iteration_3)
     work = tmp_path / "work"
     with pytest.raises(DivergenceError, match="diverged at iteration 3") as err:
         _run(setup, tmp_path / "out", work)
