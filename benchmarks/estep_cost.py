@@ -1,5 +1,5 @@
-"""Benchmark: training cost per iteration of Diff-Instruct and EMD-K, and sampling cost of a one-step student
-against its teacher's sampler, timed side by side in one process.
+"""Benchmark: training cost per iteration of Diff-Instruct, EMD-K and the peers (SiD, DMD2), and sampling cost of a
+one-step student against its teacher's sampler, timed side by side in one process.
 
 The report's cost table, its "cost linear in K" measurement and its speed-up come from here, not from the suite's
 runs (those are timed on whatever else the machine was doing). Each experiment is built exactly as `mct distill`
@@ -38,9 +38,11 @@ from mct.student import generate, init_student
 from mct.teacher import denoiser_spec, save_denoiser
 from mct.worlds.registry import make_world
 
-# The report's rows per world: Diff-Instruct and the template's EMD-K at each K the suites run.
-EXPERIMENTS = {"toy2d": ("toy2d_di", "toy2d_emd_k2", "toy2d_emd_k4", "toy2d_emd_k8", "toy2d_emd_k16"),
-               "digits": ("digits_di", "digits_emd_k1", "digits_emd_k2", "digits_emd_k4", "digits_emd_k8")}
+# The report's rows per world: Diff-Instruct, the template's EMD-K at each K the suites run, and the peers.
+EXPERIMENTS = {"toy2d": ("toy2d_di", "toy2d_emd_k2", "toy2d_emd_k4", "toy2d_emd_k8", "toy2d_emd_k16", "toy2d_sid",
+                         "toy2d_dmd2"),
+               "digits": ("digits_di", "digits_emd_k1", "digits_emd_k2", "digits_emd_k4", "digits_emd_k8",
+                          "digits_sid", "digits_dmd2")}
 
 
 def cpu_name() -> str:
@@ -88,6 +90,20 @@ def _iterate(run, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def _network_passes(run) -> dict[str, int]:
+    """Forward calls per iteration of each network (generator, fake score, teacher), counted by forward hooks over
+    one iteration: the calls a method's iteration makes, whatever their batch."""
+    counts = {"generator": 0, "score": 0, "teacher": 0}
+    nets = {"generator": run.gen_raw.denoiser, "score": run.score_raw, "teacher": run.estep_teacher}
+    hooks = [m.register_forward_hook(lambda *_, k=k: counts.__setitem__(k, counts[k] + 1)) for k, m in nets.items()]
+    try:
+        _iterate(run, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
 def _summary(values: np.ndarray) -> dict[str, float]:
     mean, _, lo, hi = t_interval(values)
     return {"mean": float(mean), "ci95_lo": float(lo), "ci95_hi": float(hi), "n": int(len(values))}
@@ -117,6 +133,7 @@ def main() -> None:
         runs, teacher_path, tcfg = _runs(params, world, names, Path(tmp))
         for run in runs.values():
             _iterate(run, 2)  # warm-up: allocator, first-call dispatch
+        passes = {name: _network_passes(run) for name, run in runs.items()}
         from mct.evaluate import _teacher_sampler
         from mct.teacher import load_denoiser
 
@@ -145,7 +162,7 @@ def main() -> None:
     df = pd.DataFrame(rows)
     train = df[df.kind == "train"].pivot(index="repeat", columns="experiment", values="seconds")
     di = next(e for e in names if params.experiment(e).method_name == "diff_instruct")
-    emd = [e for e in names if e != di]
+    emd = [e for e in names if params.experiment(e).method_name == "emd"]  # the K fit: EMD rows only
     ks = np.array([runs[e].d.K for e in emd], dtype=float)
     slopes, r2 = [], []
     for _, row in train.iterrows():
@@ -160,7 +177,8 @@ def main() -> None:
         "estep_teacher": runs[emd[-1]].d.estep_teacher,
         "sec_per_iter": {e: {"K": runs[e].d.K, "method": params.experiment(e).method_name,
                              **_summary(train[e].to_numpy(float))} for e in names},
-        "ratio_to_diff_instruct": {e: _summary((train[e] / train[di]).to_numpy(float)) for e in emd},
+        "ratio_to_diff_instruct": {e: _summary((train[e] / train[di]).to_numpy(float)) for e in names if e != di},
+        "network_passes_per_iter": passes,
         "slope_sec_per_K": {**_summary(np.array(slopes)), "r2_median": float(np.median(r2))},
         "sampling": {"student_sec_per_sample": _summary(sample["student"].to_numpy(float)),
                      "teacher_sec_per_sample": _summary(sample["teacher"].to_numpy(float)),

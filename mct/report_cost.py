@@ -37,16 +37,21 @@ def machine_text(rec: dict[str, Any]) -> str:
 
 def cost_table(world: str, rec: dict[str, Any]) -> Table:
     """sec/iter of each experiment and its ratio to Diff-Instruct, over the benchmark's repeats."""
-    ratio = rec["ratio_to_diff_instruct"]
-    rows = [{"method": "Diff-Instruct" if s["method"] == "diff_instruct" else f"EMD-{s['K']}", "K": s["K"],
+    ratio, passes = rec["ratio_to_diff_instruct"], rec.get("network_passes_per_iter", {})
+    labels = {"diff_instruct": "Diff-Instruct", "sid": "SiD", "dmd2": "DMD2"}
+    rows = [{"method": labels.get(s["method"], f"EMD-{s['K']}"), "K": s["K"] if s["method"] == "emd" else "-",
              "experiment": e, f"sec/iter {DOWN}": _est(s),
-             "x Diff-Instruct": _est(ratio[e]) if e in ratio else 1.0}
+             "x Diff-Instruct": _est(ratio[e]) if e in ratio else 1.0,
+             **({"forward passes (generator, score, teacher)": "{generator}, {score}, {teacher}".format(**passes[e])}
+                if e in passes else {})}
             for e, s in rec["sec_per_iter"].items()]
     note = (f"Timed by {SCRIPT}: every experiment built as `mct distill` builds it (batch {rec['batch_size']}, "
             f"teacher {rec['teacher']}, E-step score: {rec['estep_teacher']}), {rec['iterations_per_repeat']} "
             f"training iterations per experiment per repeat, {rec['repeats']} repeats in rotated order in one "
             f"process; mean [95% t-interval] over repeats, the ratio taken per repeat. Machine: {machine_text(rec)}. "
-            "The suite's own runs' sec/iter (experiments table) were timed under uncontrolled load.")
+            "The suite's own runs' sec/iter (experiments table) were timed under uncontrolled load."
+            + (" Forward passes: calls of each network in one iteration (score steps, E-step or generator loss, "
+               "M-step), counted by forward hooks." if passes else ""))
     return Table(f"{world}_cost", f"{world}: training cost per iteration (dedicated benchmark)",
                  pd.DataFrame(rows, dtype=object), note)
 

@@ -656,11 +656,20 @@ def test_cost_comes_from_the_timing_benchmark_when_it_has_run(built, tmp_path):
                        cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((out / "toy2d.json").read_text())
-    assert set(rec["sec_per_iter"]) == {"toy2d_di", "toy2d_emd_k2", "toy2d_emd_k4", "toy2d_emd_k8", "toy2d_emd_k16"}
+    assert set(rec["sec_per_iter"]) == {"toy2d_di", "toy2d_emd_k2", "toy2d_emd_k4", "toy2d_emd_k8", "toy2d_emd_k16",
+                                        "toy2d_sid", "toy2d_dmd2"}
     assert "toy2d_di" not in rec["ratio_to_diff_instruct"] and rec["ratio_to_diff_instruct"]["toy2d_emd_k8"]["n"] == 2
     assert rec["machine"]["note"] == "test run" and rec["machine"]["logical_cpus"] >= 1
     runs = pd.read_csv(out / "toy2d_runs.csv")
-    assert len(runs[runs.kind == "train"]) == 2 * 5 and len(runs[runs.kind == "sample"]) == 2 * 2
+    assert len(runs[runs.kind == "train"]) == 2 * 7 and len(runs[runs.kind == "sample"]) == 2 * 2
+    # forward calls per iteration, by construction of each method (toy2d template: 1 score step, K = 8 for EMD-8;
+    # DMD2: 5 score steps): each score step samples the generator once and runs the score net once; EMD-K's chain
+    # reads teacher and score K times and g K times, plus the M-step's g; DMD2 and SiD read each network once more
+    passes = rec["network_passes_per_iter"]
+    assert passes["toy2d_emd_k8"] == {"generator": 1 + 8 + 1, "score": 1 + 8, "teacher": 8}
+    assert passes["toy2d_di"] == {"generator": 1 + 1 + 1, "score": 1 + 1, "teacher": 1}
+    assert passes["toy2d_dmd2"] == {"generator": 5 + 1, "score": 5 + 1, "teacher": 1}
+    assert passes["toy2d_sid"] == {"generator": 1 + 1, "score": 1 + 1, "teacher": 1}
 
     root, params, _ = built
     copy_root = tmp_path / "r"
