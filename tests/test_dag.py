@@ -451,7 +451,7 @@ def test_methods_suites_plan_the_same_dag_in_both_engines(tmp_path, suite, peers
     smk = parse_dry_run(dry_run(root))
     assert_same_dag(smk, dvc_stages(root))
     for peer in peers:
-        assert ("distill", f"{peer}/seed0") in smk and ("evaluate", f"{peer}/seed2") in smk
+        assert ("distill", f"{peer}/seed0") in smk and ("evaluate", f"{peer}/seed1") in smk
         assert smk[("distill", f"{peer}/seed0")].command.startswith(f"mct distill --experiment {peer} --run-seed 0")
 
 
