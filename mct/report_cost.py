@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from mct.report_tables import DOWN, Estimate, Table, fmt
+from mct.report_tables import DOWN, PEER_LABELS, Estimate, Table, fmt
 
 SCRIPT = "benchmarks/estep_cost.py"
 
@@ -38,7 +38,7 @@ def machine_text(rec: dict[str, Any]) -> str:
 def cost_table(world: str, rec: dict[str, Any]) -> Table:
     """sec/iter of each experiment and its ratio to Diff-Instruct, over the benchmark's repeats."""
     ratio, passes = rec["ratio_to_diff_instruct"], rec.get("network_passes_per_iter", {})
-    labels = {"diff_instruct": "Diff-Instruct", "sid": "SiD", "dmd2": "DMD2"}
+    labels = {"diff_instruct": "Diff-Instruct", **PEER_LABELS}
     rows = [{"method": labels.get(s["method"], f"EMD-{s['K']}"), "K": s["K"] if s["method"] == "emd" else "-",
              "experiment": e, f"sec/iter {DOWN}": _est(s),
              "x Diff-Instruct": _est(ratio[e]) if e in ratio else 1.0,

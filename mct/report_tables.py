@@ -401,7 +401,8 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
         add("Diff-Instruct (K=1)", e, 1)
     if not any(ran(e) for e in dis):
         missing.append(_not_run_label("Diff-Instruct (K=1)", dis))
-    for e in (e for e in entries if e.kind == "experiment" and e.setting["method"] in PEER_LABELS and ran(e)):
+    peers = [e for e in entries if e.kind == "experiment" and e.setting["method"] in PEER_LABELS]
+    for e in (e for e in peers if ran(e)):
         add(peer_label(e), e, 1)
     emd = [(k, e) for k, group in k_members for e in group if ran(e)]
     for k, e in emd:
@@ -412,7 +413,7 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
         missing.append("EMD-K")
     note = ("EMD-K rows: the world's reference EMD setting at each K that the suite runs; 'mean [lo, hi]' as in the "
             "summary's table.")
-    if any(e.kind == "experiment" and e.setting["method"] in PEER_LABELS for e in entries):
+    if peers:
         note += (" SiD and DMD2 rows: the peers in the same loop (mct.methods), with the same teacher, generator "
                  "initialisation, fake-score training and iterations; the settings in which they differ are in the "
                  "settings table.")
