@@ -182,7 +182,9 @@ def _quality(world: World, acc: FeatureAccumulator, ref: Path) -> dict[str, Any]
     if ref_pr is None:
         raise ValueError(f"{ref} holds no precision/recall features (written by an older mct); "
                          "rebuild it with `mct ref-stats`")
-    rec: dict[str, Any] = {"fid": fidlib.fid_from_stats(*acc.stats.stats(), mu, sigma)}
+    rec: dict[str, Any] = {"fid": fidlib.fid_from_stats(*acc.stats.stats(), mu, sigma),
+                           # the protocol beside the number: FIDs of different sample counts do not compare
+                           "fid_samples": int(acc.stats.count), "fid_reference_images": int(meta["count"])}
     p, r = precision_recall(ref_pr, acc.pr_features)
     rec.update(precision=float(p), recall=float(r))
     if acc.points:

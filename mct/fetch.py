@@ -63,6 +63,20 @@ KNOWN_TEACHERS: dict[str, dict] = {
         "sigma_data": 0.5,
         "labels": "one-hot float (B, 1000), EDM convention",
     },
+    # Karras et al. (2022), EDM's CIFAR-10 teachers (DDPM++ network, VP preconditioning; FID 1.79 cond / 1.97
+    # uncond at 35 NFE in EDM's paper). pickle.load(f)["ema"] is a VPPrecond(SongUNet): a denoiser D(x, sigma,
+    # class_labels) in our VE convention (mct.nets.edm.VPPrecond).
+    **{f"edm-cifar10-32x32-{c}-vp": {
+        "url": f"https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-{c}-vp.pkl",
+        "sha256": None,  # must be pinned by the user (not measurable offline)
+        "filename": f"edm-cifar10-32x32-{c}-vp.pkl",
+        "format": "edm-pickle",
+        "resolution": 32,
+        "label_dim": 10 if c == "cond" else 0,
+        "parameterization": "edm-vp",
+        "sigma_data": 0.5,
+        "labels": "one-hot float (B, 10), EDM convention" if c == "cond" else "none (unconditional)",
+    } for c in ("cond", "uncond")},
     # ImageNet-128: EDM published no 128x128 ImageNet model, so we use OpenAI's guided-diffusion ADM
     # (Dhariwal & Nichol 2021) 128x128 class-conditional model: eps-prediction under the VP linear beta schedule,
     # T = 1000; with learn_sigma it outputs 6 channels and the first 3 are eps. params.yaml's imagenet128_adm

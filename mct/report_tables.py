@@ -535,8 +535,9 @@ def paper_tables(params: Params, worlds: Sequence[str], world_tables: dict[str, 
                   legend, _paper_not_run(params, not_here[True])),
             Table("paper_other", "Other methods, other sources (not rows of the EMD paper)",
                   pd.DataFrame(other, dtype=object),
-                  "Numbers read from the paper named in 'source' (DMD: Yin et al. 2024; sCM: Lu & Song 2024), "
-                  "for context; they are not the EMD paper's comparison rows. " + legend,
+                  "Numbers read from the paper named in 'source', for context; they are not the EMD paper's "
+                  "comparison rows. CIFAR-10 FIDs are of 50,000 samples against the 50,000 training images, as "
+                  "every source reports them. " + legend,
                   _paper_not_run(params, not_here[False]))]
 
 
@@ -635,7 +636,10 @@ def _ours(method: str, tables: dict[str, Any]) -> Any:
         ref = tables["reference"]
         want = int(m.group(1)) if m else (ref["K"] if ref else None)
         found = [e for k, group in tables["k_members"] if k == want for e in group]
-    return found[0].get("fid") if found else NOT_RUN
+    if not found:
+        return NOT_RUN
+    fid, n = found[0].get("fid"), found[0].get("fid_samples")
+    return fid if fid is None or n is None else f"{fid:.2f} ({n:,} samples)"
 
 
 def noise_floor(world, num_samples: int, feature_path: Path | None) -> dict[str, Any] | None:

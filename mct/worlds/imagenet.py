@@ -243,6 +243,33 @@ class PreparedDataset:
     resolution: int
 
 
+def write_edm_archive(dest: Path, images: Iterator[tuple[np.ndarray, int]], n: int, class_names: list[str] | None,
+                      *, progress: bool = True) -> None:
+    """Write (uint8 (H, W, 3) image, label) pairs as an EDM dataset zip at ``dest``: uncompressed PNGs named
+    :func:`archive_name` and a ``dataset.json`` of their labels. Written to a temp file beside ``dest`` and renamed
+    at the end, so an error (a bad image half-way) leaves ``dest`` as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        labels = []
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for idx, (arr, label) in enumerate(tqdm(images, total=n, unit="img", desc=dest.name,
+                                                    disable=not progress)):
+                buf = io.BytesIO()
+                # Uncompressed PNG, as EDM: decoding cost matters more than size in the training loop.
+                PIL.Image.fromarray(arr, "RGB").save(buf, format="png", compress_level=0, optimize=False)
+                fname = archive_name(idx)
+                zf.writestr(fname, buf.getbuffer())
+                labels.append([fname, int(label)])
+            zf.writestr("dataset.json", json.dumps({"labels": labels, "class_names": class_names}))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def prepare_imagenet(source: str | Path, dest: str | Path, resolution: int | tuple[int, int] = 64, *,
                      max_images: int | None = None, progress: bool = True,
                      num_classes: int | None = None) -> PreparedDataset:
@@ -267,31 +294,17 @@ def prepare_imagenet(source: str | Path, dest: str | Path, resolution: int | tup
                            f"({len(bad)} labels out of range; num_classes {limit})")
     num_classes = len(src.class_names) if src.class_names else max(src.labels) + 1
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        labels = []
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf, src.reader() as open_member:
-            for idx in tqdm(range(n), total=n, unit="img", desc=dest.name, disable=not progress):
+    def images() -> Iterator[tuple[np.ndarray, int]]:
+        with src.reader() as open_member:
+            for idx in range(n):
                 name = src.names[idx]
                 with open_member(name) as f:
                     arr = center_crop_dhariwal(_load_rgb(f, name, src.source), res)
                 if arr.shape != (res, res, 3):
                     raise DatasetError(f"crop of {name} has shape {arr.shape}, expected {(res, res, 3)}")
-                buf = io.BytesIO()
-                # Uncompressed PNG, as EDM: decoding cost matters more than size in the training loop.
-                PIL.Image.fromarray(arr, "RGB").save(buf, format="png", compress_level=0, optimize=False)
-                fname = archive_name(idx)
-                zf.writestr(fname, buf.getbuffer())
-                labels.append([fname, src.labels[idx]])
-            meta = {"labels": labels, "class_names": src.class_names}
-            zf.writestr("dataset.json", json.dumps(meta))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+                yield arr, src.labels[idx]
+
+    write_edm_archive(dest, images(), n, src.class_names, progress=progress)
     return PreparedDataset(path=dest, num_images=n, num_classes=num_classes, resolution=res)
 
 
@@ -492,6 +505,13 @@ class ImageNet(World):
 
                 net = build_network(arch_kwargs.get("model_type", "DhariwalUNet"),
                                     **{**arch_kwargs["network"], "use_checkpoint": use_checkpoint})
+                precond = arch_kwargs.get("precond", "EDMPrecond")
+                if precond == "VPPrecond":  # EDM's CIFAR-10 teachers (VP formulation), at EDM's VP defaults
+                    from mct.nets.edm import VPPrecond
+
+                    return VPPrecond(net, label_dim=self.label_dim)
+                if precond != "EDMPrecond":
+                    raise ValueError(f"arch_kwargs.precond: EDMPrecond or VPPrecond, got {precond!r}")
                 return EDMPrecond(net, sigma_data=float(arch_kwargs.get("sigma_data", 0.5)),
                                   label_dim=self.label_dim)
             # EDM pickles carry their architecture: a fresh instance is the pickle loaded again (safely).

@@ -34,6 +34,7 @@ BUILTIN: dict[str, str] = {
     "toy2d": "mct.worlds.toy2d:Toy2D",
     "digits": "mct.worlds.digits:Digits",
     "imagenet": "mct.worlds.imagenet:ImageNet",
+    "cifar10": "mct.worlds.cifar10:Cifar10",
     "text2image": "mct.worlds.text2image:Text2Image",
 }
 ENTRY_POINT_GROUP = "mct.worlds"  # installed packages name their worlds here: kind -> "module:Class"
