@@ -653,19 +653,19 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
         problem = check_nodes(cfg.distill)
         if problem:
             raise ConfigError(f"{key}.distill.{problem}")
-        if cfg.distill.batch_size % cfg.distill.grad_accum:
-            raise ConfigError(f"{key}.distill.grad_accum: must divide batch_size ({cfg.distill.batch_size})")
-        if cfg.distill.method != "emd" and cfg.distill.estep != "langevin":
-            raise ConfigError(f"{key}.distill.estep: {cfg.distill.estep!r} is an E-step of method 'emd'; method "
-                              f"{cfg.distill.method!r} has no E-step (leave estep at 'langevin')")
         d = cfg.distill
+        if d.batch_size % d.grad_accum:
+            raise ConfigError(f"{key}.distill.grad_accum: must divide batch_size ({d.batch_size})")
+        if d.method != "emd" and d.estep != "langevin":
+            raise ConfigError(f"{key}.distill.estep: {d.estep!r} is an E-step of method 'emd'; method "
+                              f"{d.method!r} has no E-step (leave estep at 'langevin')")
         if d.method == "emd" and d.antithetic and (d.batch_size // d.grad_accum) % 2:
             raise ConfigError(f"{key}.distill.batch_size: antithetic noise cancellation pairs chains, so each "
                               f"micro-batch (batch_size / grad_accum) must be even")
-        if cfg.distill.estep == "exact" and not world_class(worlds[cfg.world].kind).has_exact_estep:
+        if d.estep == "exact" and not world_class(worlds[cfg.world].kind).has_exact_estep:
             raise ConfigError(f"{key}.distill.estep: 'exact' needs a world with a 2-D latent and exact data samples "
                               f"(World.has_exact_estep, e.g. toy2d); {worlds[cfg.world].kind!r} has neither")
-        if cfg.distill.estep_teacher == "analytic" and not world_class(worlds[cfg.world].kind).has_analytic_denoiser:
+        if d.estep_teacher == "analytic" and not world_class(worlds[cfg.world].kind).has_analytic_denoiser:
             raise ConfigError(f"{key}.distill.estep_teacher: 'analytic' exists only for worlds with an exact "
                               f"denoiser; {worlds[cfg.world].kind!r} has none")
         experiments[name] = cfg
@@ -738,10 +738,12 @@ def method_settings(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in unused}
 
 
-def numeric_settings(exp: ExperimentConfig) -> dict[str, Any]:
+def numeric_settings(exp: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     """An experiment's resolved settings that can change its numbers, flat (``{"distill.lr_g": 0.001, ...}``):
-    what the resume fingerprint hashes (with the input files) and what the report's one-factor ablations compare."""
-    return method_settings({k: v for k, v in flatten_settings(dataclasses.asdict(exp)).items() if not is_neutral(k)})
+    what the resume fingerprint hashes (with the input files) and what the report's one-factor ablations compare.
+    ``exp`` is the experiment or its ``dataclasses.asdict``."""
+    tree = exp if isinstance(exp, dict) else dataclasses.asdict(exp)
+    return method_settings({k: v for k, v in flatten_settings(tree).items() if not is_neutral(k)})
 
 
 def _lookup(node: Any, parts: list[str]) -> bool:

@@ -64,16 +64,17 @@ class Method(Protocol):
 
     def record(self, nets: Networks, m_sigma: Any, device: torch.device) -> dict[str, Any]:
         """What the run's summary.json records of the method beyond the common keys ({} for most)."""
-        ...
+        return {}
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a clock read after it is honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
-class EMDLangevin:
+class EMDLangevin(Method):
     """The paper's EMD step: K Langevin steps of the E-step from the student's own sample, then the M-step."""
 
     langevin: LangevinConfig
@@ -87,18 +88,15 @@ class EMDLangevin:
         with autocast():  # bf16/fp16 network passes when asked; the chain state stays fp32
             res = langevin_estep(nets.generator_raw, nets.teacher, nets.score, z0, eps0, sigma, labels,
                                  self.langevin, rng)
-        _sync(z0.device)
+        synchronize(z0.device)
         seconds = time.perf_counter() - t0
         with autocast():
             loss = mstep_loss(nets.generator, res.z, res.eps_tilde, sigma, labels, self.weight)
         return GeneratorLoss(loss, z0, res, res.health(), seconds)
 
-    def record(self, nets: Networks, m_sigma: Any, device: torch.device) -> dict[str, Any]:
-        return {}
-
 
 @dataclass(frozen=True)
-class EMDExact:
+class EMDExact(Method):
     """EMD with the exact E-step (mct.exact_em): x_t = x_0 + sigma n with x_0 an exact data draw, and (for the control
     variate) the student's own x'_t = g(z0) + sigma eps0 at the same sigmas. E-step and M-step are one backward,
     timed as E-step."""
@@ -151,7 +149,7 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class FakeScoreLoss:
+class FakeScoreLoss(Method):
     """A method whose generator loss reads the teacher and the fake score at x_t = g(z0) + sigma eps0 (SiD, DMD2)."""
 
     loss: SiDLoss | DMD2Loss
@@ -161,9 +159,6 @@ class FakeScoreLoss:
         with autocast(), _frozen(nets.score):
             loss = self.loss(nets.generator, nets.teacher, nets.score, z0, eps0, sigma, labels)
         return GeneratorLoss(loss, z0)
-
-    def record(self, nets: Networks, m_sigma: Any, device: torch.device) -> dict[str, Any]:
-        return {}
 
 
 def _emd(world: World, d: DistillConfig) -> Method:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mct.config import flatten_settings, is_neutral, method_settings, settings_changes
+from mct.config import numeric_settings, settings_changes
 from mct.io import atomic_path, fsync_dir, load_torch, write_json
 
 FORMAT = "mct-resume-v1"
@@ -213,8 +213,8 @@ def loaded_code_sha256(package: str = "mct") -> str:
 def run_settings(experiment: dict[str, Any], teacher_path: Path, student_path: Path) -> dict[str, Any]:
     """The flat settings a run's numbers depend on: the resolved experiment (``dataclasses.asdict``) without
     :data:`mct.config.NEUTRAL_KEYS`, and the teacher's and student-init file's :func:`file_digest`."""
-    flat = method_settings({k: v for k, v in flatten_settings(experiment).items() if not is_neutral(k)})
-    return {**flat, "teacher_file": file_digest(teacher_path), "student_file": file_digest(student_path)}
+    return {**numeric_settings(experiment), "teacher_file": file_digest(teacher_path),
+            "student_file": file_digest(student_path)}
 
 
 def fingerprint_of(settings: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from mct.diffusion import GuidedDenoiser
 from mct.ema import ema_update
 from mct.emd import ChainExplosionError, EStepResult, score_dsm_loss
 from mct.io import atomic_dir, load_torch, save_torch, write_json
-from mct.methods import Method, Networks, build_method
+from mct.methods import Method, Networks, build_method, synchronize
 from mct.resume import load_latest, loaded_code_sha256, non_finite, save_state, state_path
 from mct.student import build_generator
 from mct.teacher import load_denoiser
@@ -389,14 +389,9 @@ def _grad_norm(acc: Accelerator, params, max_norm: float) -> float:
     return float(acc.clip_grad_norm_(params, limit))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _clock(device: torch.device) -> float:
     """perf_counter once the device's queued work is done (CUDA runs asynchronously)."""
-    _sync(device)
+    synchronize(device)
     return time.perf_counter()
 
 
