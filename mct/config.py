@@ -306,6 +306,12 @@ class DistillConfig(LangevinConfig):
     method: Literal["emd", "sid", "dmd2"] = "emd"
     sid_alpha: float = 1.2
     normalize_gradient: bool = True
+    # DMD's regression loss, an option of 'dmd2' (0: off, DMD2's own setting; DMD used 0.25): the mean squared error
+    # of g(z) against the teacher's deterministic sample from the same noise, on regression_pairs pairs made once per
+    # run by EDM's Heun sampler in regression_steps steps (mct.dmd2.RegressionPairs).
+    regression_weight: float = field(default=0.0, metadata=_check(_non_negative))
+    regression_pairs: int = field(default=4096, metadata=_check(_at_most(1_000_000)))
+    regression_steps: int = field(default=18, metadata=_check(_at_most(1000)))
     exact_grid: int = field(default=64, metadata=_check(_at_most(1024)))
     exact_draws: int = field(default=16, metadata=_check(_at_most(4096)))
     exact_defensive: float = field(default=0.1, metadata=_check(_open_unit_interval))
@@ -659,6 +665,9 @@ def parse_params(raw: Any, overrides: dict[str, Any] | None = None) -> Params:
         if d.method != "emd" and d.estep != "langevin":
             raise ConfigError(f"{key}.distill.estep: {d.estep!r} is an E-step of method 'emd'; method "
                               f"{d.method!r} has no E-step (leave estep at 'langevin')")
+        if d.regression_weight and d.method != "dmd2":
+            raise ConfigError(f"{key}.distill.regression_weight: DMD's regression loss is an option of method 'dmd2'; "
+                              f"method {d.method!r} does not read it (leave it at 0)")
         if d.method == "emd" and d.antithetic and (d.batch_size // d.grad_accum) % 2:
             raise ConfigError(f"{key}.distill.batch_size: antithetic noise cancellation pairs chains, so each "
                               f"micro-batch (batch_size / grad_accum) must be even")
@@ -722,19 +731,22 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # read, since they cannot change its numbers (an SiD run's K, an EMD run's sid_alpha)
 _EMD_KEYS = (*(f.name for f in dataclasses.fields(LangevinConfig)), "estep", "exact_grid", "exact_draws",
              "exact_defensive", "exact_control_variate", "mstep_weight")
+REGRESSION_KEYS = ("regression_weight", "regression_pairs", "regression_steps")
 METHOD_KEYS: dict[str, tuple[str, ...]] = {"emd": _EMD_KEYS, "sid": ("sid_alpha", "normalize_gradient"),
-                                           "dmd2": ("normalize_gradient",)}
+                                           "dmd2": ("normalize_gradient", *REGRESSION_KEYS)}
 
 
 def method_settings(flat: dict[str, Any]) -> dict[str, Any]:
     """Flat experiment settings without the method-only keys of the methods the run does not use; without
-    ``distill.method`` itself for 'emd', the method of every run made before there was a choice (so their
-    fingerprints and records stay valid)."""
+    ``distill.method`` itself for 'emd', the method of every run made before there was a choice, and without the
+    regression keys while the regression is off (so their fingerprints and records stay valid)."""
     method = flat.get("distill.method", "emd")
     unused = {f"distill.{k}" for m, keys in METHOD_KEYS.items() for k in keys} - {
         f"distill.{k}" for k in METHOD_KEYS.get(method, ())}
     if method == "emd":
         unused.add("distill.method")
+    if not flat.get("distill.regression_weight"):  # off: DMD2 runs made before the option keep their fingerprints
+        unused |= {f"distill.{k}" for k in REGRESSION_KEYS}
     return {k: v for k, v in flat.items() if k not in unused}
 
 

@@ -7,7 +7,8 @@ the generator's gradient; the loop knows no method by name (:func:`build_method`
   emd    the paper's E-step (Langevin chain, mct.emd; or the exact E-step, mct.exact_em) and M-step;
          Diff-Instruct is its K = 1, gamma_z = 0 corner with cancellation.
   sid    Score identity Distillation (mct.sid).
-  dmd2   DMD2's distribution-matching loss (mct.dmd2); its two time-scale rule is ``distill.score_steps``.
+  dmd2   DMD2's distribution-matching loss (mct.dmd2); its two time-scale rule is ``distill.score_steps``; DMD's
+         regression on teacher noise-image pairs as an option (``distill.regression_weight``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from mct.config import DistillConfig, LangevinConfig
 from mct.diffusion import Denoiser
-from mct.dmd2 import DMD2Loss
+from mct.dmd2 import DMD2Loss, RegressionPairs, regression_loss
 from mct.emd import EStepResult, MStepWeight, antithetic_start, langevin_estep, mstep_loss
 from mct.exact_em import ExactEStep, marginal_check
 from mct.sid import SiDLoss
@@ -161,6 +162,40 @@ class FakeScoreLoss(Method):
         return GeneratorLoss(loss, z0)
 
 
+@dataclass
+class DMDRegression(Method):
+    """DMD2's loss plus DMD's regression on teacher noise-image pairs (mct.dmd2): L = L_DMD2 + weight * L_reg, on a
+    batch of pairs drawn with the loop's generator. The pairs are made at the first step (of the run, or of its
+    resumption: their own seed makes them the same)."""
+
+    base: FakeScoreLoss
+    pairs: RegressionPairs
+    weight: float
+    seed: int
+    _made: tuple[Tensor, Tensor | None, Tensor] | None = field(default=None, repr=False)
+
+    def __call__(self, nets: Networks, z0: Tensor, eps0: Tensor, sigma: Tensor, labels: Tensor | None,
+                 rng: torch.Generator, autocast: Autocast) -> GeneratorLoss:
+        out = self.base(nets, z0, eps0, sigma, labels, rng, autocast)
+        if self._made is None:
+            self._made = self.pairs.make(nets.teacher, tuple(z0.shape[1:]), nets.world.draw_labels, self.seed,
+                                         z0.device)
+        z, y_labels, y = self._made
+        idx = torch.randint(len(z), (z0.shape[0],), generator=rng, device=z0.device)
+        with autocast():
+            reg = regression_loss(nets.generator, z[idx], None if y_labels is None else y_labels[idx], y[idx])
+        return GeneratorLoss(out.loss + self.weight * reg, z0, health={"regression_loss": float(reg.detach())})
+
+
+def _dmd2(world: World, d: DistillConfig) -> Method:
+    base = FakeScoreLoss(DMD2Loss(normalize=d.normalize_gradient))
+    if not d.regression_weight:
+        return base
+    # the pairs' seed: the run's, offset so that they share no draw with the loop's generator
+    return DMDRegression(base, RegressionPairs(d.regression_pairs, d.regression_steps), d.regression_weight,
+                         seed=d.seed * 1_000_003 + 524_287)
+
+
 def _emd(world: World, d: DistillConfig) -> Method:
     if d.estep != "exact":
         return EMDLangevin(d.langevin(), d.mstep_weight)
@@ -174,7 +209,7 @@ def _emd(world: World, d: DistillConfig) -> Method:
 METHODS: dict[str, Callable[[World, DistillConfig], Method]] = {
     "emd": _emd,
     "sid": lambda world, d: FakeScoreLoss(SiDLoss(alpha=d.sid_alpha, normalize=d.normalize_gradient)),
-    "dmd2": lambda world, d: FakeScoreLoss(DMD2Loss(normalize=d.normalize_gradient)),
+    "dmd2": _dmd2,
 }
 
 
@@ -187,4 +222,4 @@ def build_method(world: World, d: DistillConfig) -> Method:
 
 
 __all__ = ["METHODS", "Networks", "GeneratorLoss", "Method", "EMDLangevin", "EMDExact", "FakeScoreLoss",
-           "build_method"]
+           "DMDRegression", "build_method"]

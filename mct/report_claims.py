@@ -105,9 +105,12 @@ def measurements_table(results: Sequence[Any], kinds: dict[str, World]) -> Table
 
 SUMMARY_CLAIM = "emd_beats_di"  # the claim the page's answer is about
 # the paired comparisons with the peers (mct.claims.PEER_CLAIMS) that the answer adds where a suite runs them:
-# claim -> (A's name, B's name), A the side the claim says is better
+# claim -> (A's name, B's name[, how they are compared]), A the side the claim says is better
 PEER_SUMMARY = {"emd_beats_sid": ("EMD", "SiD"), "emd_beats_dmd2": ("EMD", "DMD2"),
-                "sid_beats_di": ("SiD", "Diff-Instruct")}
+                "sid_beats_di": ("SiD", "Diff-Instruct"),
+                "emd_beats_di_wall": ("EMD", "Diff-Instruct", "at equal wall-clock"),
+                "emd_beats_sid_wall": ("EMD", "SiD", "at equal wall-clock"),
+                "emd_beats_dmd2_wall": ("EMD", "DMD2", "at equal wall-clock")}
 
 
 def _metric_list(rs: Sequence[Any], kinds: dict[str, World]) -> str:
@@ -125,7 +128,8 @@ def summary(results: Sequence[Any], kinds: dict[str, World], worlds: Sequence[st
     out = []
     for w in worlds:
         mine = [r for r in results if r.world == w and r.claim.key == SUMMARY_CLAIM and r.n > 0]
-        if not mine:
+        at_equal_time = any(r.world == w and r.claim.key == "emd_beats_di_wall" and r.n > 0 for r in results)
+        if not mine and not at_equal_time:
             out.append(f"{w}: no comparison of EMD with Diff-Instruct in this suite.")
         out += _answers(mine, kinds[w], w, m, settings, ("EMD", "Diff-Instruct"))
         for key, names in PEER_SUMMARY.items():
@@ -135,7 +139,7 @@ def summary(results: Sequence[Any], kinds: dict[str, World], worlds: Sequence[st
 
 
 def _answers(mine: Sequence[Any], world_def: World, w: str, m: int, settings: dict[str, dict[str, Any]],
-             names: tuple[str, str]) -> list[str]:
+             names: tuple[str, ...]) -> list[str]:
     """One paragraph per compared pair of one paired claim: is A better than B on the world's primary metrics."""
     out = []
     for pair in dict.fromkeys(r.compared for r in mine):
@@ -152,7 +156,8 @@ def _answers(mine: Sequence[Any], world_def: World, w: str, m: int, settings: di
                   "mixed: better on " + ", ".join(won) + ", worse on " + ", ".join(lost) if won else
                   "no, worse on " + ", ".join(lost) if lost else
                   "not shown: no primary metric differs beyond its interval")
-        text = (f"{w}: does {label_a} ({a}) beat {names[1]} ({b})? {answer.capitalize()}, after Holm "
+        how = "".join(f" {q}" for q in names[2:])
+        text = (f"{w}: does {label_a} ({a}) beat {names[1]} ({b}){how}? {answer.capitalize()}, after Holm "
                 f"correction over the page's {m} tests ({len(rs)} primary metrics, {'/'.join(map(str, n))} "
                 f"paired seeds). Without the correction: better on {raw_won} and worse on {raw_lost} of "
                 f"{len(rs)}. {names[0]} - {names[1]}, mean [95% t-interval]: {_metric_list(rs, {w: world_def})}.")

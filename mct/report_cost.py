@@ -23,6 +23,14 @@ def cost_record(bench: Path, world: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def equal_wallclock_iterations(rec: dict[str, Any], experiment: str, reference: str, reference_iterations: int) -> int:
+    """The iterations of ``experiment`` that cost the training time of ``reference_iterations`` of ``reference``, by
+    the benchmark's mean seconds per iteration (the record's own experiment names, e.g. toy2d_sid for
+    toy2d_sid_wall)."""
+    sec = rec["sec_per_iter"]
+    return round(reference_iterations * sec[reference]["mean"] / sec[experiment]["mean"])
+
+
 def _est(s: dict[str, Any]) -> Estimate:
     return Estimate(s["mean"], s["ci95_lo"], s["ci95_hi"])
 

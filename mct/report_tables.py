@@ -379,8 +379,12 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
                world_def: World | None = None, floor: dict[str, Any] | None = None) -> Table:
     """Teacher, Diff-Instruct and EMD-K rows; ``floor`` (noise_floor's record) adds the real-vs-real row."""
     rows, missing = [], []
+    # a suite that compares methods at unequal iterations (equal wall-clock) says each row's in its label
+    budgets = {e.setting.get("iterations") for e in entries if e.kind == "experiment" and ran(e)}
 
     def add(method: str, e: Entry, nfe: Any) -> None:
+        if len(budgets) > 1 and e.kind == "experiment":
+            method += f", {e.setting['iterations']:,} iterations"
         rows.append({"method": method, "experiment": e.name, "NFE": nfe, **_metric_cells(e, world_def),
                      metric_name("samples_per_s", world_def): e.get("samples_per_s")})
 
@@ -415,8 +419,9 @@ def main_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, 
             "summary's table.")
     if peers:
         note += (" SiD and DMD2 rows: the peers in the same loop (mct.methods), with the same teacher, generator "
-                 "initialisation, fake-score training and iterations; the settings in which they differ are in the "
-                 "settings table.")
+                 "initialisation, fake-score training and " + ("iterations" if len(budgets) <= 1 else
+                 "training time per run (the iterations in each label: equal wall-clock by the timing benchmark)")
+                 + "; the settings in which they differ are in the settings table.")
     if floor is not None:
         note += (f" Noise floor: {floor['count']:,} training-split points against the held-out reference set "
                  "through the same metrics; no model can be told apart from the data below it.")

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mct.claims import WALLCLOCK_CLAIMS
 from mct.config import METHOD_KEYS, load_params, parse_params
 from mct.report_collect import Entry, experiment_setting
+from mct.report_cost import cost_record, equal_wallclock_iterations
 from mct.report_tables import (
     ABLATIONS,
     ablation_members,
@@ -32,6 +34,12 @@ PEER_OWN = {"distill.method"} | {f"distill.{k}" for m in ("sid", "dmd2") for k i
 PEER_DOCUMENTED = {"distill.score_steps", "distill.lr_g"}
 
 
+# Equal wall-clock rows (suite methods_wallclock): another method, or Diff-Instruct, at the iterations that cost the
+# training time of the reference EMD row's (test_wallclock_iterations_follow_the_timing_benchmark)
+WALLCLOCK = {e: c.compare for c in WALLCLOCK_CLAIMS for e in (pair[1] for pair in c.compare.values())}
+BUDGET = {"distill.iterations"}
+
+
 def _entries(params, suite: str, world: str) -> list[Entry]:
     return [Entry(e, "experiment", world, experiment_setting(params.experiment(e), params), None)
             for e in params.suite_experiments(suite) if params.experiment(e).world == world]
@@ -48,10 +56,31 @@ def test_every_ablation_row_of_params_yaml_changes_one_factor(suite, world):
         return  # no EMD experiment: no ablation
     assert outside_every_ablation(entries, ref) == {}
     for e in entries:
+        budget = BUDGET if e.name in WALLCLOCK else set()
         if e.setting["method"] == "diff_instruct":
-            assert set(differs_from_reference(e.setting, ref)) <= DI_DEFINITION, e.name
+            assert set(differs_from_reference(e.setting, ref)) <= DI_DEFINITION | budget, e.name
         elif e.setting["method"] != "emd":  # a peer: the E-step's keys gone, its own keys, and what params.yaml says
-            assert set(differs_from_reference(e.setting, ref)) - EMD_ONLY - PEER_OWN <= PEER_DOCUMENTED, e.name
+            assert set(differs_from_reference(e.setting, ref)) - EMD_ONLY - PEER_OWN <= PEER_DOCUMENTED | budget, e.name
+
+
+def test_wallclock_iterations_follow_the_timing_benchmark():
+    """Each equal-wall-clock row runs the iterations that cost its reference EMD row's training time, by the committed
+    timing record (its toy2d record serves toy2d_skewed too: the same networks and batch), and differs from the
+    equal-iterations row of its method in the iterations alone."""
+    rec = cost_record(REPO / "reports" / "benchmarks" / "estep_cost", "toy2d")
+    assert rec is not None
+    for c in WALLCLOCK_CLAIMS:
+        for world, (ref, wall) in c.compare.items():
+            same_iterations = wall.removesuffix("_wall")
+            timed = same_iterations.replace("toy2d_skewed_", "toy2d_")
+            ref_timed = ref.replace("toy2d_skewed_", "toy2d_")
+            ref_iterations = PARAMS.experiment(ref).distill.iterations
+            want = equal_wallclock_iterations(rec, timed, ref_timed, ref_iterations)
+            assert PARAMS.experiment(wall).distill.iterations == want, (wall, want)
+            assert PARAMS.experiment(wall).world == world
+            a = experiment_setting(PARAMS.experiment(wall), PARAMS)["settings"]
+            b = experiment_setting(PARAMS.experiment(same_iterations), PARAMS)["settings"]
+            assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == BUDGET, wall
 
 
 def test_a_row_that_changes_two_factors_is_in_no_ablation_table(tiny_raw):

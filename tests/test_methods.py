@@ -4,6 +4,7 @@ hold only the keys its method reads."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 
 import pytest
@@ -32,7 +33,10 @@ def _with_method(raw, name, method, **distill_keys):
     return raw
 
 
-@pytest.mark.parametrize(("method", "keys"), [("sid", {}), ("dmd2", {"score_steps": 3})])
+@pytest.mark.parametrize(("method", "keys"), [("sid", {}), ("dmd2", {"score_steps": 3}),
+                                             ("dmd2", {"regression_weight": 0.25, "regression_pairs": 256,
+                                                       "regression_steps": 4})],
+                         ids=["sid", "dmd2", "dmd2-regression"])
 def test_peer_runs_in_the_loop_resumes_bitwise_and_records_its_method(tiny_raw, toy_teacher, tmp_path, method,
                                                                          keys):
     """A peer distils through the same loop: outputs and log written, the generator moved from its start, no chain
@@ -43,6 +47,7 @@ def test_peer_runs_in_the_loop_resumes_bitwise_and_records_its_method(tiny_raw, 
     assert summary["settings"]["distill.method"] == method and "distill.K" not in summary["settings"]
     log = [json.loads(line) for line in (tmp_path / "a" / "out" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 30 and "eps_tilde_norm" not in log[0] and all(r["t_estep"] == 0 for r in log)
+    assert ("regression_loss" in log[0]) == bool(keys.get("regression_weight"))
     start, end = load_torch(tmp_path / "a" / "student.pt")["generator"], load_torch(tmp_path / "a" / "out" /
                                                                                    "generator.pt")["generator"]
     assert any(not torch.equal(start[k], end[k]) for k in start)
@@ -102,3 +107,27 @@ def test_settings_hold_only_the_keys_the_method_reads(tiny_raw):
     assert "distill.sid_alpha" not in dmd2 and dmd2["distill.normalize_gradient"] is True
     set_dotted(raw, "experiments.s.distill.K", 16)  # a key SiD does not read: same settings, same fingerprint
     assert numeric_settings(parse_params(raw).experiment("s")) == sid
+
+
+def test_dmd_regression_is_a_dmd2_option_whose_off_state_changes_no_setting(tiny_raw):
+    """regression_weight > 0 builds DMD2 with DMD's regression (its keys in the settings); at 0 (the default) a DMD2
+    run's settings are what they were before the option existed, so earlier runs' fingerprints stay valid; on
+    another method validation stops, naming the key."""
+    from mct.config import numeric_settings
+    from mct.methods import DMDRegression
+
+    raw = _with_method(_with_method(tiny_raw, "d", "dmd2"), "r", "dmd2", regression_weight=0.25)
+    params = parse_params(raw)
+    world = make_world("toy2d", params.worlds["toy2d"])
+    plain, reg = (numeric_settings(params.experiment(n)) for n in ("d", "r"))
+    assert not any(k.startswith("distill.regression") for k in plain)
+    assert {k: v for k, v in reg.items() if k not in plain} == {
+        "distill.regression_weight": 0.25, "distill.regression_pairs": 4096, "distill.regression_steps": 18}
+    method = build_method(world, params.experiment("r").distill)
+    assert isinstance(method, DMDRegression) and method.weight == 0.25 and method.pairs.count == 4096
+    assert isinstance(build_method(world, params.experiment("d").distill), FakeScoreLoss)
+    with pytest.raises(ConfigError, match=r"experiments\.s\.distill\.regression_weight: DMD's regression loss is "
+                                          r"an option of method 'dmd2'"):
+        parse_params(_with_method(copy.deepcopy(tiny_raw), "s", "sid", regression_weight=0.25))
+    with pytest.raises(ConfigError, match=r"experiments\.n\.distill\.regression_weight"):
+        parse_params(_with_method(copy.deepcopy(tiny_raw), "n", "dmd2", regression_weight=-1.0))
