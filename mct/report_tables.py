@@ -434,11 +434,13 @@ PEER_LABELS = {"sid": "SiD", "dmd2": "DMD2"}
 
 
 def peer_label(e: Entry) -> str:
-    """'SiD (alpha=1.2)', 'DMD2 (5 fake-score steps per generator step)': the method and its own key."""
+    """'SiD (alpha=1.2)', 'DMD2 (5 fake-score steps per generator step)': the method and its own keys."""
     s = e.setting.get("settings", {})
     if e.setting["method"] == "sid":
         return f"SiD (alpha={s.get('distill.sid_alpha', 1.2):g})"
-    return f"DMD2 ({s.get('distill.score_steps', 1)} fake-score steps per generator step)"
+    reg = s.get("distill.regression_weight")
+    return (f"DMD2 ({s.get('distill.score_steps', 1)} fake-score steps per generator step"
+            + (f", DMD's regression x {reg:g})" if reg else ")"))
 
 
 def cost_table(world: str, entries: Sequence[Entry], k_members: list[tuple[Any, list[Entry]]]) -> Table:

@@ -234,10 +234,11 @@ def test_regression_pairs_follow_the_teachers_probability_flow():
 
 def test_regression_alone_drives_the_generator_to_the_teachers_noise_to_data_map():
     """DMDRegression with the fake denoiser equal to the teacher (DMD2's gradient is then exactly 0) is the
-    regression alone: 1000 Adam steps (lr 0.01, batch 256) take a linear generator from A = 0.3 I, b = 0 to the teacher's
-    ODE map of its own pairs (Heun's 18 steps are a linear map here, so the pairs are exactly affine in z and A*, b*
-    are their least-squares fit). The gradient has no noise at the optimum, so it converges to float32 round-off
-    (errors 2e-7 to 6e-7 over seeds 1, 2, 5); tolerance 1e-4 per entry, against a start off by more than 0.3."""
+    regression alone: 1000 Adam steps (lr 0.01, batch 256) take a linear generator from A = 0.3 I, b = 0 to the
+    teacher's ODE map of its own pairs (Heun's 18 steps are a linear map here, so the pairs are exactly affine in z
+    and A*, b* are their least-squares fit). The gradient has no noise at the optimum, so it converges to float32
+    round-off (errors 2e-7 to 6e-7 over seeds 1, 2, 5); tolerance 1e-4 per entry, against a start off by more
+    than 0.3."""
     from mct.dmd2 import RegressionPairs
     from mct.methods import DMDRegression, FakeScoreLoss, Networks
 
