@@ -443,8 +443,12 @@ def test_paper_scale_suite_plans_the_same_dag_in_both_engines(tmp_path, suite, e
 
 @pytest.mark.parametrize(("suite", "peers"), [("methods", ("toy2d_sid", "toy2d_dmd2", "toy2d_skewed_sid")),
                                                ("methods_digits", ("digits_sid", "digits_dmd2")),
-                                               ("methods_wallclock", ("toy2d_di_wall", "toy2d_skewed_dmd2_wall")),
-                                               ("dmd_regression", ("toy2d_dmd2_reg",))])
+                                               # ~1 min each: slow-marked, CI runs them in its slow part
+                                               pytest.param("methods_wallclock",
+                                                            ("toy2d_di_wall", "toy2d_skewed_dmd2_wall"),
+                                                            marks=pytest.mark.slow),
+                                               pytest.param("dmd_regression", ("toy2d_dmd2_reg",),
+                                                            marks=pytest.mark.slow)])
 def test_methods_suites_plan_the_same_dag_in_both_engines(tmp_path, suite, peers):
     """SiD and DMD2 (also at equal wall-clock, and with DMD's regression) are experiments like any other: both
     engines plan the same jobs for the methods suites, each peer seed with its own distill stage (`mct distill`,
